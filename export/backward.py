@@ -1,0 +1,104 @@
+"""Backward rules written as ordinary forward ops, so the exported graph needs no autograd.
+
+Each rule maps the gradient of a layer's output to the gradient of its input (a vector-Jacobian
+product) for eval mode: BatchNorm uses its running statistics and Dropout is the identity. The
+rules only ever see one batch of independent samples, so the batched backward of per-sample
+cotangents gives every sample's own activation gradient.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from gradprobe.errors import ExportError
+
+from .graph import ProbeGraph
+
+_IDENTITY_MODULES = (nn.Dropout, nn.Identity)
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+SUPPORTED = ("Linear, ReLU, ReLU6, Dropout, Identity, Flatten, BatchNorm1d/2d (eval), "
+             "AdaptiveAvgPool2d(1), torch.flatten / view / reshape, F.relu, residual add")
+
+
+def _relu_backward(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return torch.where(output > 0, grad, torch.zeros_like(grad))
+
+
+def _batchnorm_backward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, grad: torch.Tensor):
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    return grad * scale.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _module_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor):
+    """Gradient of the module's input, or None when no rule covers the module."""
+    if isinstance(module, nn.Linear):
+        return grad @ module.weight
+    if isinstance(module, nn.ReLU6):
+        return torch.where((x > 0) & (x < 6), grad, torch.zeros_like(grad))
+    if isinstance(module, nn.ReLU):
+        return _relu_backward(y, grad)
+    if isinstance(module, _IDENTITY_MODULES):
+        return grad
+    if isinstance(module, nn.Flatten):
+        return grad.reshape((-1,) + tuple(x.shape[1:]))
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_var is not None:
+        return _batchnorm_backward(module, x, grad)
+    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+        height, width = x.shape[2], x.shape[3]
+        return grad.expand(-1, -1, height, width) / float(height * width)
+    return None
+
+
+def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor):
+    """[(input node, gradient)] for one node; raises ExportError when the node has no rule."""
+    if node.op == "call_module":
+        module = graph.module.get_submodule(node.target)
+        x_node = node.args[0]
+        result = _module_rule(module, env[x_node], env[node], grad)
+        if result is not None:
+            return [(x_node, result)]
+        what = f"layer {node.target!r} ({type(module).__name__})"
+    elif node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return [(node.args[0], _relu_backward(env[node], grad))]
+    elif node.op == "call_function" and node.target is torch.flatten:
+        x_node = node.args[0]
+        return [(x_node, grad.reshape((-1,) + tuple(env[x_node].shape[1:])))]
+    elif node.op == "call_method" and node.target in _RESHAPE_METHODS:
+        x_node = node.args[0]
+        return [(x_node, grad.reshape((-1,) + tuple(env[x_node].shape[1:])))]
+    elif node.op == "call_method" and node.target == "relu":
+        return [(node.args[0], _relu_backward(env[node], grad))]
+    elif node.op == "call_function" and node.target in (operator.add, torch.add) and not node.kwargs:
+        tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
+        if all(tuple(env[arg].shape) == tuple(env[node].shape) for arg in tensors):
+            return [(arg, grad) for arg in tensors]
+        what = f"broadcasting add {node.name!r}"
+    else:
+        what = f"operation {node.name!r} ({getattr(node.target, '__name__', node.target)})"
+    raise ExportError(f"{what} lies between the target layer {graph.target_name!r} and the logits, and "
+                      f"gradprobe has no backward rule for it. Supported there: {SUPPORTED}. "
+                      "Pick a later target_layer or replace the layer.")
+
+
+def check_head(graph: ProbeGraph, env: dict) -> None:
+    """Raise ExportError now, naming the layer, if any head node lacks a backward rule."""
+    grad_logits = torch.zeros_like(env[graph.logits])
+    backprop_to_target(graph, env, grad_logits)
+
+
+def backprop_to_target(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradient of the target activation for per-sample logit cotangents ``grad_logits``."""
+    on_path = set(graph.head_nodes()) | {graph.target}
+    grads = {graph.logits: grad_logits}
+    for node in reversed(graph.head_nodes()):
+        grad = grads.pop(node)
+        for input_node, input_grad in _input_grads(graph, node, env, grad):
+            if input_node not in on_path:
+                continue
+            grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
+    return grads[graph.target]

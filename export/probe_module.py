@@ -1,0 +1,95 @@
+"""The probe graph as a torch module: forward pass plus the probing losses' backward, as plain ops.
+
+Formulas: METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the three maps).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .backward import backprop_to_target
+from .graph import ProbeGraph
+
+#: Output names in the order ``ProbeModule.forward`` returns them, with their meaning.
+OUTPUTS = {
+    "logits": "z = W h + b, [B, C]",
+    "probs": "softmax(z), [B, C]",
+    "pred": "argmax z, [B] int64",
+    "features": "h, the input of the last Linear, [B, d]",
+    "contrast_class": "Q used for the contrastive map (contrast input, -1 resolved to the runner-up), [B] int64",
+    "label_grad_sqnorm": "||dCE(z,q)/d(W,b)||^2 of the last Linear for every class q, [B, C]",
+    "confounding_grad_sqnorm": "[||dJ/dW||^2, ||dJ/db||^2] for the all-ones confounding label, "
+                               "J = BCE-with-logits summed over classes, [B, 2]",
+    "cam": "Grad-CAM 'why P?': ReLU(sum_k alpha_k A_k), alpha = mean_uv dz_P/dA, [B, u, v]",
+    "contrastive_cam": "'why P, rather than Q?': alpha = mean_uv dCE(z, Q)/dA, [B, u, v]",
+    "counterfactual_cam": "'what if not P?': ReLU(-sum_k alpha_k A_k) with Grad-CAM's alpha, [B, u, v]",
+}
+
+
+def _one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    # Not F.one_hot: it needs a data-dependent max() that exporters reject.
+    return (torch.arange(classes, device=index.device)[None, :] == index[:, None]).to(dtype)
+
+
+def _weighted_map(alpha_source: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """sum_k alpha_k A_k with alpha_k the spatial mean of the gradient (before the ReLU)."""
+    alpha = alpha_source.mean(dim=(2, 3), keepdim=True)
+    return (alpha * activation).sum(dim=1)
+
+
+class ProbeModule(nn.Module):
+    """forward(images in [0,1], contrast) -> the tensors of ``OUTPUTS``, in that order."""
+
+    def __init__(self, graph: ProbeGraph, mean=None, std=None):
+        super().__init__()
+        self.graph_module = graph.module
+        self.graph = graph
+        mean = torch.zeros(1) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.ones(1) if std is None else torch.as_tensor(std, dtype=torch.float32)
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
+
+    def run_graph(self, x: torch.Tensor) -> dict:
+        """Every node's value, so the backward rules can read the saved activations."""
+        env: dict[fx.Node, object] = {}
+        interpreter = fx.Interpreter(self.graph_module, garbage_collect_values=False)
+        interpreter.run(x)
+        env.update(interpreter.env)
+        return env
+
+    def forward(self, images: torch.Tensor, contrast: torch.Tensor):
+        env = self.run_graph((images - self.mean) / self.std)
+        activation = env[self.graph.target]
+        logits = env[self.graph.logits]
+        features = env[self.graph.features]
+        classes = logits.shape[1]
+
+        probs = torch.softmax(logits, dim=1)
+        pred = logits.argmax(dim=1)
+        pred_hot = _one_hot(pred, classes, logits.dtype)
+        runner_up = logits.masked_fill(pred_hot > 0, float("-inf")).argmax(dim=1)
+        contrast_class = torch.where(contrast < 0, runner_up, contrast)
+        contrast_hot = _one_hot(contrast_class, classes, logits.dtype)
+
+        # METHODS §1: dCE(z, q)/dz = p - e_q, so ||grad_W||^2 + ||grad_b||^2 = ||p - e_q||^2 (||h||^2 + 1).
+        # ||p - e_q||^2 = sum_{j != q} p_j^2 + (1 - p_q)^2, the sum taken without cancellation at q = P.
+        squares = probs * probs
+        others_of_pred = (squares * (1 - pred_hot)).sum(dim=1, keepdim=True)
+        others = torch.where(pred_hot > 0, others_of_pred, squares.sum(dim=1, keepdim=True) - squares)
+        delta_sqnorm = others + (1 - probs) ** 2
+        feature_sqnorm = (features * features).sum(dim=1, keepdim=True)
+        label_grad_sqnorm = delta_sqnorm * (feature_sqnorm + 1)
+
+        # Confounding all-ones label, BCE-with-logits summed over classes: delta = sigmoid(z) - 1.
+        confounding_delta = torch.sigmoid(logits) - 1
+        confounding_sq = (confounding_delta * confounding_delta).sum(dim=1, keepdim=True)
+        confounding_grad_sqnorm = torch.cat([confounding_sq * feature_sqnorm, confounding_sq], dim=1)
+
+        # METHODS §3: S = z_P (Grad-CAM, and negated for the counterfactual); S = CE(z, Q) (contrastive).
+        gradcam_weights = _weighted_map(backprop_to_target(self.graph, env, pred_hot), activation)
+        contrastive_weights = _weighted_map(backprop_to_target(self.graph, env, probs - contrast_hot), activation)
+        cam = torch.relu(gradcam_weights)
+        counterfactual_cam = torch.relu(-gradcam_weights)
+        contrastive_cam = torch.relu(contrastive_weights)
+        return (logits, probs, pred, features, contrast_class, label_grad_sqnorm, confounding_grad_sqnorm,
+                cam, contrastive_cam, counterfactual_cam)

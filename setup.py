@@ -1,0 +1,31 @@
+"""gradprobe: gradient-based reliability (uncertainty, explanations) for deployed image classifiers."""
+from setuptools import setup
+
+EXPORT = ["torch>=2.4", "onnx>=1.17", "onnxscript>=0.3", "safetensors>=0.4"]
+CPU = ["onnxruntime>=1.20"]
+GPU = ["onnxruntime-gpu>=1.20", "tensorrt", "cuda-python>=12"]
+VIZ = ["matplotlib>=3.7"]
+TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
+
+setup(
+    name="gradprobe",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["gradprobe", "gradprobe.export", "gradprobe.runtime", "gradprobe.kernels"],
+    package_dir={"gradprobe": "sdk", "gradprobe.export": "export",
+                 "gradprobe.runtime": "runtime", "gradprobe.kernels": "kernels"},
+    package_data={"gradprobe": ["pretrained/*.safetensors"], "gradprobe.kernels": ["*.cu"]},
+    install_requires=["numpy>=1.24", "tqdm>=4.60"],
+    extras_require={
+        "export": EXPORT,
+        "cpu": CPU,
+        "gpu": GPU,
+        "viz": VIZ,
+        "test": TEST,
+        "dev": EXPORT + CPU + TEST + ["scikit-learn>=1.3"],
+    },
+    entry_points={"console_scripts": ["gradprobe = gradprobe.cli:main"]},
+)

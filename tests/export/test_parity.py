@@ -1,0 +1,45 @@
+"""Every ONNX Runtime output equals PyTorch autograd on the eager model, per sample (one backward per label/map)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gradprobe
+from gradprobe.export.parity import RELATIVE, parity_errors
+from gradprobe.export.reference import ResearchReference
+
+from ..conftest import REFERENCE_MODELS
+
+
+def _inputs(kind: str, batch: int, fmnist_test):
+    if kind == "real":
+        images, _ = fmnist_test
+        return images[np.random.default_rng(batch).choice(len(images), batch, replace=False)]
+    return np.random.default_rng(batch).random((batch, 1, 28, 28), dtype=np.float32)
+
+
+def _contrast(batch: int, classes: int):
+    # runner-up (-1) for some images, every explicit class for the others
+    return (np.arange(batch) % (classes + 1) - 1).astype(np.int64)
+
+
+@pytest.mark.parametrize("kind", ["random", "real"])
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_ort_matches_autograd(name, batch, kind, exported, fmnist_test):
+    model, bundle = exported(name)
+    probe = gradprobe.load(bundle)
+    manifest = probe.manifest
+    images = _inputs(kind, batch, fmnist_test)
+    contrast = _contrast(batch, len(probe.class_names))
+    ours = probe.run(images, contrast)
+    normalize = (manifest["input"]["normalize"]["mean"], manifest["input"]["normalize"]["std"])
+    reference = ResearchReference(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
+                                  normalize).run(images, contrast)
+    errors = parity_errors(vars(ours), reference)
+    print(json.dumps({"model": name, "batch": batch, "inputs": kind, "errors": errors}))
+    assert errors["pred"] == 0 and errors["contrast_class"] == 0, errors
+    failing = {k: v for k, v in errors.items() if v > RELATIVE}
+    assert not failing, f"{name} batch {batch} {kind}: outputs beyond {RELATIVE}: {failing}"
