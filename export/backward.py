@@ -19,8 +19,49 @@ from .graph import ProbeGraph
 
 _IDENTITY_MODULES = (nn.Dropout, nn.Identity)
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
-SUPPORTED = ("Linear, ReLU, ReLU6, Dropout, Identity, Flatten, BatchNorm1d/2d (eval), "
+SUPPORTED = ("Linear, Conv2d (zero padding, any stride/dilation/groups), ReLU, ReLU6, Dropout, Identity, "
+             "Flatten, BatchNorm1d/2d (eval), MaxPool2d and AvgPool2d with kernel == stride, "
              "AdaptiveAvgPool2d(1), torch.flatten / view / reshape, F.relu, residual add")
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _conv_backward(module: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor):
+    """dL/dx of a convolution is the transposed convolution of dL/dy with the same weights."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        return None
+    stride, padding, dilation = _pair(module.stride), _pair(module.padding), _pair(module.dilation)
+    kernel = module.weight.shape[2:]
+    output_padding = [x.shape[2 + i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                                        + dilation[i] * (kernel[i] - 1) + 1) for i in (0, 1)]
+    return F.conv_transpose2d(grad, module.weight, None, stride, padding, output_padding, module.groups, dilation)
+
+
+def _window_backward(module, x: torch.Tensor, grad: torch.Tensor):
+    """Max/avg pooling with non-overlapping windows (kernel == stride, no padding).
+
+    Max-pool routes the gradient to the first maximum of each window (an equality mask with the
+    same tie-break as PyTorch's kernel), without the indices output that TensorRT rejects.
+    """
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    if kernel != stride or _pair(module.padding) != (0, 0) or module.ceil_mode or \
+            getattr(module, "divisor_override", None) or \
+            (isinstance(module, nn.MaxPool2d) and _pair(module.dilation) != (1, 1)):
+        return None
+    (kh, kw), channels = kernel, x.shape[1]
+    rows, cols = x.shape[2] // kh, x.shape[3] // kw
+    windows = x[:, :, :rows * kh, :cols * kw].reshape(-1, channels, rows, kh, cols, kw)
+    windows = windows.permute(0, 1, 2, 4, 3, 5).reshape(-1, channels, rows, cols, kh * kw)
+    if isinstance(module, nn.MaxPool2d):
+        first = windows.argmax(dim=-1, keepdim=True)
+        spread = (torch.arange(kh * kw, device=x.device) == first).to(grad.dtype) * grad[..., None]
+    else:
+        spread = grad[..., None].expand(-1, -1, -1, -1, kh * kw) / float(kh * kw)
+    spread = spread.reshape(-1, channels, rows, cols, kh, kw).permute(0, 1, 2, 4, 3, 5)
+    spread = spread.reshape(-1, channels, rows * kh, cols * kw)
+    return F.pad(spread, (0, x.shape[3] - cols * kw, 0, x.shape[2] - rows * kh))
 
 
 def _relu_backward(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -38,6 +79,10 @@ def _module_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torc
     """Gradient of the module's input, or None when no rule covers the module."""
     if isinstance(module, nn.Linear):
         return grad @ module.weight
+    if isinstance(module, nn.Conv2d):
+        return _conv_backward(module, x, y, grad)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return _window_backward(module, x, grad)
     if isinstance(module, nn.ReLU6):
         return torch.where((x > 0) & (x < 6), grad, torch.zeros_like(grad))
     if isinstance(module, nn.ReLU):

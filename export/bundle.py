@@ -21,6 +21,7 @@ from gradprobe.fileio import atomic_directory
 from .backward import check_head
 from .graph import trace
 from .probe_module import OUTPUTS, ProbeModule
+from .tensorrt_ops import tensorrt_incompatibilities
 
 log = logging.getLogger("gradprobe.export")
 
@@ -63,7 +64,8 @@ def _export_batch(example: torch.Tensor, classes: int) -> int:
     return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
 
 
-def _onnx_export(probe: ProbeModule, images: torch.Tensor, contrast: torch.Tensor, path: Path, opset) -> None:
+def _onnx_export(probe: ProbeModule, images: torch.Tensor, contrast: torch.Tensor, path: Path, opset) -> list:
+    """Write the ONNX file; return what would stop TensorRT from parsing it (empty when nothing)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=list(OUTPUTS),
                   dynamic_shapes=({0: batch}, {0: batch}), external_data=False, verbose=False)
@@ -90,6 +92,10 @@ def _onnx_export(probe: ProbeModule, images: torch.Tensor, contrast: torch.Tenso
         if not first.dim_param:
             raise ExportError(f"the exported input {tensor.name!r} has a fixed batch of {first.dim_value}; "
                               "the batch dimension must be symbolic")
+    problems = tensorrt_incompatibilities(model)
+    if problems:
+        warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)
+    return problems
 
 
 def _verify(path: Path, probe: ProbeModule, images: torch.Tensor, contrast: torch.Tensor) -> dict:
@@ -154,7 +160,7 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
         images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
         contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
         with atomic_directory(path) as directory:
-            _onnx_export(probe, images, contrast, directory / PROBE, opset)
+            tensorrt_problems = _onnx_export(probe, images, contrast, directory / PROBE, opset)
             errors = _verify(directory / PROBE, probe, images, contrast)
             files = {PROBE: file_record(directory / PROBE)}
             config = getattr(model, "config", None)
@@ -184,7 +190,7 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
                 "score_orientation": SCORE_ORIENTATION,
                 "files": files,
                 "export": {"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
-                           "verified_against_torch": errors},
+                           "verified_against_torch": errors, "tensorrt_problems": tensorrt_problems},
             }
             write_manifest(directory, manifest)
     finally:

@@ -50,7 +50,8 @@ def validate_contrast(contrast, batch: int, class_names: Sequence[str]) -> np.nd
         unknown = [n for n in names if n not in class_names]
         if unknown:
             raise InputError(f"unknown class name(s) {unknown}; expected one of {list(class_names)}")
-        contrast = [list(class_names).index(n) for n in names]
+        indices = [list(class_names).index(n) for n in names]
+        contrast = indices[0] if isinstance(contrast, str) else indices
     array = np.asarray(contrast)
     if array.dtype.kind not in "iu":
         raise InputError(f"contrast must be integer class indices (or class names), got dtype {array.dtype}")

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import gradprobe  # noqa: E402
-from gradprobe.models import build_model, load_pretrained  # noqa: E402
+from gradprobe.models import FASHION_MNIST_CLASSES, build_model, load_pretrained  # noqa: E402
 
 #: The reference models of the parity suite: every architecture and head variant.
 REFERENCE_MODELS = ("resnet18-quarter", "vgg", "vgg-bn", "mobilenet", "pretrained")
@@ -27,6 +27,7 @@ def make_model(name: str, seed: int = 0):
             module.running_var.copy_(0.5 + torch.rand(channels, generator=generator))
             module.weight.data.copy_(1 + 0.2 * torch.randn(channels, generator=generator))
             module.bias.data.copy_(0.1 * torch.randn(channels, generator=generator))
+    model.class_names = list(FASHION_MNIST_CLASSES)
     return model.eval()
 
 
