@@ -43,3 +43,11 @@ def test_ort_matches_autograd(name, batch, kind, exported, fmnist_test):
     assert errors["pred"] == 0 and errors["contrast_class"] == 0, errors
     failing = {k: v for k, v in errors.items() if v > RELATIVE}
     assert not failing, f"{name} batch {batch} {kind}: outputs beyond {RELATIVE}: {failing}"
+    for kind_of_map in ("cam", "contrastive_cam", "counterfactual_cam"):
+        # maps have no natural scale: also compare relative to each reference map's own peak
+        ours_map, expected = getattr(ours, kind_of_map), reference[kind_of_map]
+        peak = np.abs(expected).reshape(batch, -1).max(axis=1)
+        difference = np.abs(ours_map - expected).reshape(batch, -1).max(axis=1)
+        assert (difference <= RELATIVE * peak + 1e-7).all(), (kind_of_map, (difference / np.maximum(peak, 1e-12)).max())
+    if batch == 64:  # the maps under test are not degenerate
+        assert (reference["cam"] > 0).mean() > 0.2 and (reference["contrastive_cam"] > 0).mean() > 0.05

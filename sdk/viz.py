@@ -1,0 +1,89 @@
+"""Pictures of explanations: maps upsampled to the image, normalised, overlaid in a PNG grid."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendUnavailableError
+from .fileio import atomic_path
+
+
+def _interpolation_matrix(source: int, target: int) -> np.ndarray:
+    """[target, source] weights of bilinear resampling with half-pixel centres (align_corners=False)."""
+    position = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, source - 1)
+    weight = position - low
+    matrix = np.zeros((target, source))
+    matrix[np.arange(target), low] += 1 - weight
+    matrix[np.arange(target), high] += weight
+    return matrix
+
+
+def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly resize [B, u, v] maps to [B, H, W] (the convention of cv2.resize and F.interpolate)."""
+    rows = _interpolation_matrix(maps.shape[1], size[0])
+    cols = _interpolation_matrix(maps.shape[2], size[1])
+    return np.einsum("hu,buv,wv->bhw", rows, maps.astype(np.float64), cols).astype(np.float32)
+
+
+def normalize_maps(maps: np.ndarray) -> np.ndarray:
+    """Min-max normalise each map to [0, 1]; a constant map becomes all zeros."""
+    flat = maps.reshape(len(maps), -1)
+    low = flat.min(axis=1, keepdims=True)
+    shifted = flat - low
+    return (shifted / (shifted.max(axis=1, keepdims=True) + 1e-7)).reshape(maps.shape).astype(np.float32)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise BackendUnavailableError("pictures need matplotlib: pip install 'gradprobe[viz]'") from error
+    return plt
+
+
+def explanation_grid(images: np.ndarray, result, path: str | os.PathLike, *, labels=None, title: str | None = None,
+                     alpha: float = 0.5) -> Path:
+    """Write a PNG: one row per image - input, Grad-CAM, contrastive and counterfactual overlays.
+
+    ``result`` is a ProbeResult for ``images``; ``labels`` (optional) marks wrong predictions in red.
+    """
+    plt = _pyplot()
+    size = images.shape[2:]
+    maps = {kind: normalize_maps(upsample(getattr(result, kind), size))
+            for kind in ("cam", "contrastive_cam", "counterfactual_cam")}
+    names = result.class_names
+    count = len(images)
+    figure, axes = plt.subplots(count, 4, figsize=(8.4, 2.25 * count + (0.5 if title else 0)), squeeze=False)
+    for row in range(count):
+        gray = images[row].mean(axis=0)
+        pred, q = names[result.pred[row]], names[result.contrast_class[row]]
+        confidence = result.probs[row, result.pred[row]]
+        wrong = labels is not None and labels[row] != result.pred[row]
+        heading = f"{pred} ({confidence:.2f})" + (f"\ntrue: {names[labels[row]]}" if labels is not None else "")
+        panels = [(None, heading), ("cam", f"why {pred}?"), ("contrastive_cam", f"why {pred},\nrather than {q}?"),
+                  ("counterfactual_cam", f"what if not {pred}?")]
+        for column, (kind, text) in enumerate(panels):
+            axis = axes[row, column]
+            if kind is not None and not getattr(result, kind)[row].any():
+                text += "\n(empty: no evidence)"
+            axis.imshow(gray, cmap="gray", vmin=0, vmax=1)
+            if kind is not None:
+                axis.imshow(maps[kind][row], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+            axis.set_title(text, fontsize=8.5, color="crimson" if wrong and kind is None else "black")
+            axis.set_xticks([])
+            axis.set_yticks([])
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()) if title else None)
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+    return path
