@@ -35,9 +35,7 @@ def main() -> int:
             model = make_model(name)
             probe = gradprobe.load(gradprobe.export(model, fmnist[0][:4], Path(folder) / name))
             manifest = probe.manifest
-            normalize = (manifest["input"]["normalize"]["mean"], manifest["input"]["normalize"]["std"])
-            reference = ResearchReference(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
-                                          normalize)
+            reference = ResearchReference.for_bundle(model, manifest)
             for batch in (1, 5, 64):
                 for kind in ("random", "real"):
                     images, contrast = _inputs(kind, batch, fmnist), _contrast(batch, len(probe.class_names))

@@ -37,6 +37,13 @@ class ResearchReference:
         self.linear = model.get_submodule(linear)
         self.normalize = normalize
 
+    @classmethod
+    def for_bundle(cls, model: nn.Module, manifest: dict) -> "ResearchReference":
+        """The reference for ``model`` with the target layer, last Linear and normalisation of a bundle."""
+        normalize = manifest["input"]["normalize"]
+        return cls(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
+                   (normalize["mean"], normalize["std"]))
+
     def _forward(self, x: torch.Tensor):
         captured = {}
 

@@ -35,9 +35,7 @@ def test_ort_matches_autograd(name, batch, kind, exported, fmnist_test):
     images = _inputs(kind, batch, fmnist_test)
     contrast = _contrast(batch, len(probe.class_names))
     ours = probe.run(images, contrast)
-    normalize = (manifest["input"]["normalize"]["mean"], manifest["input"]["normalize"]["std"])
-    reference = ResearchReference(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
-                                  normalize).run(images, contrast)
+    reference = ResearchReference.for_bundle(model, manifest).run(images, contrast)
     errors = parity_errors(vars(ours), reference)
     print(json.dumps({"model": name, "batch": batch, "inputs": kind, "errors": errors}))
     assert errors["pred"] == 0 and errors["contrast_class"] == 0, errors

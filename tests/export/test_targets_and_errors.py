@@ -26,7 +26,7 @@ def test_earlier_target_layer_matches_autograd(name, target, map_size, fmnist_te
     images = np.concatenate([fmnist_test[0][:6], np.zeros((1, 1, 28, 28), np.float32)])  # zeros: max-pool ties
     ours = probe.run(images, contrast=3)
     assert ours.cam.shape == (7, map_size, map_size)
-    reference = ResearchReference(model, target, probe.manifest["head"]["linear"]).run(images, np.full(7, 3))
+    reference = ResearchReference.for_bundle(model, probe.manifest).run(images, np.full(7, 3))
     errors = parity_errors(vars(ours), reference)
     assert max(errors.values()) <= RELATIVE, errors
 
