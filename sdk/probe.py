@@ -56,6 +56,24 @@ class Probe:
         outputs = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
         return ProbeResult.from_outputs(outputs, self.class_names)
 
+    def explain(self, images, contrast=None):
+        """Grad-CAM, contrastive and counterfactual maps at the input size: see ``gradprobe.explain``."""
+        from .explain import explain
+
+        return explain(self, images, contrast)
+
+    def calibrate(self, in_dist, ood=None, *, kind: str = "paper", **options):
+        """Fit a detector on gradient features and store it in the bundle: see ``gradprobe.detect``."""
+        from .detect import calibrate
+
+        return calibrate(self, in_dist, ood, kind=kind, **options)
+
+    def detect(self, images):
+        """Anomaly scores (higher = more anomalous) with the bundle's calibrated detector."""
+        from .detect import detect
+
+        return detect(self, images)
+
 
 def load(bundle: str | os.PathLike, *, providers=None, **options) -> Probe:
     """Open a bundle written by ``gradprobe.export``; ``providers`` as in ONNX Runtime (default CPU)."""

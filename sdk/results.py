@@ -20,6 +20,7 @@ class ProbeResult:
     cam: np.ndarray                      #: [B, u, v] raw Grad-CAM ("why P?")
     contrastive_cam: np.ndarray          #: [B, u, v] raw contrastive map ("why P, rather than Q?")
     counterfactual_cam: np.ndarray       #: [B, u, v] raw counterfactual map ("what if not P?")
+    layer_grad_sqnorm: np.ndarray | None = None  #: [B, P] per-parameter-tensor sq-norms (layer_grads=True)
     class_names: list = field(default_factory=list, repr=False)
 
     @classmethod
