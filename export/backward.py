@@ -99,11 +99,13 @@ def _module_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torc
     return None
 
 
-def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor):
-    """[(input node, gradient)] for one node; raises ExportError when the node has no rule."""
+def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor, needed: set):
+    """[(input node, gradient)] for the inputs in ``needed``; ExportError when the node has no rule."""
     if node.op == "call_module":
         module = graph.module.get_submodule(node.target)
         x_node = node.args[0]
+        if x_node not in needed:  # e.g. the first conv: the image gradient is never used
+            return []
         result = _module_rule(module, env[x_node], env[node], grad)
         if result is not None:
             return [(x_node, result)]
@@ -125,25 +127,33 @@ def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor
         what = f"broadcasting add {node.name!r}"
     else:
         what = f"operation {node.name!r} ({getattr(node.target, '__name__', node.target)})"
-    raise ExportError(f"{what} lies between the target layer {graph.target_name!r} and the logits, and "
-                      f"gradprobe has no backward rule for it. Supported there: {SUPPORTED}. "
-                      "Pick a later target_layer or replace the layer.")
+    raise ExportError(f"{what} lies between the layer to differentiate and the logits, and gradprobe has no "
+                      f"backward rule for it. Supported: {SUPPORTED}. Pick a later target_layer or replace the layer.")
+
+
+def backprop(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor, nodes: list[fx.Node],
+             keep=()) -> dict:
+    """Gradients of every node in ``keep`` (and the first of ``nodes``' inputs) for per-sample logit
+    cotangents ``grad_logits``, running the rules over ``nodes`` (execution order) in reverse."""
+    needed = set(nodes) | set(keep)
+    grads = {graph.logits: grad_logits}
+    kept = {}
+    for node in reversed(nodes):
+        grad = grads.pop(node)
+        if node in keep:
+            kept[node] = grad
+        for input_node, input_grad in _input_grads(graph, node, env, grad, needed):
+            if input_node in needed:
+                grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
+    kept.update({node: grad for node, grad in grads.items() if node in keep})
+    return kept
 
 
 def check_head(graph: ProbeGraph, env: dict) -> None:
     """Raise ExportError now, naming the layer, if any head node lacks a backward rule."""
-    grad_logits = torch.zeros_like(env[graph.logits])
-    backprop_to_target(graph, env, grad_logits)
+    backprop_to_target(graph, env, torch.zeros_like(env[graph.logits]))
 
 
 def backprop_to_target(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample gradient of the target activation for per-sample logit cotangents ``grad_logits``."""
-    on_path = set(graph.head_nodes()) | {graph.target}
-    grads = {graph.logits: grad_logits}
-    for node in reversed(graph.head_nodes()):
-        grad = grads.pop(node)
-        for input_node, input_grad in _input_grads(graph, node, env, grad):
-            if input_node not in on_path:
-                continue
-            grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
-    return grads[graph.target]
+    return backprop(graph, env, grad_logits, graph.head_nodes(), keep={graph.target})[graph.target]

@@ -20,7 +20,8 @@ from gradprobe.fileio import atomic_directory
 
 from .backward import check_head
 from .graph import trace
-from .probe_module import OUTPUTS, ProbeModule
+from .layer_grads import CONFOUNDING_LOSSES, plan as layer_plan
+from .probe_module import LAYER_GRADS_OUTPUT, OUTPUTS, ProbeModule
 from .tensorrt_ops import tensorrt_incompatibilities
 
 log = logging.getLogger("gradprobe.export")
@@ -67,7 +68,7 @@ def _export_batch(example: torch.Tensor, classes: int) -> int:
 def _onnx_export(probe: ProbeModule, images: torch.Tensor, contrast: torch.Tensor, path: Path, opset) -> list:
     """Write the ONNX file; return what would stop TensorRT from parsing it (empty when nothing)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=list(OUTPUTS),
+    kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=probe.output_names(),
                   dynamic_shapes=({0: batch}, {0: batch}), external_data=False, verbose=False)
     if opset is not None:
         kwargs["opset_version"] = opset
@@ -113,26 +114,37 @@ def _verify(path: Path, probe: ProbeModule, images: torch.Tensor, contrast: torc
     with torch.no_grad():
         expected = [t.numpy() for t in probe(images, contrast)]
     errors = {}
-    for name, ours, reference in zip(OUTPUTS, got, expected):
+    for name, ours, reference in zip(probe.output_names(), got, expected):
         if reference.dtype.kind == "i":
             errors[name] = float(np.mean(ours != reference))
             continue
         scale = max(float(np.abs(reference).max()), 1e-12)
         errors[name] = float(np.abs(ours - reference).max()) / scale
-    bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and k not in ("pred", "contrast_class")}
+    bad = {k: v for k, v in errors.items()
+           if v > VERIFY_TOLERANCE and k not in ("pred", "contrast_class") and not k.startswith("tap_")}
     if bad:
         raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad}")
     return errors
 
 
+def _layer_grads_manifest(norms, confounding: str) -> dict:
+    return {"confounding": confounding, "names": [entry.name for entry in norms],
+            "forms": [entry.form for entry in norms],
+            "taps": [{"column": column, "input": f"tap_input_{column}", "grad": f"tap_grad_{column}",
+                      "conv": entry.spec.to_dict()} for column, entry in enumerate(norms) if entry.form == "tap"]}
+
+
 def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
-                  class_names=None, normalize=None, opset: int | None = None) -> Path:
+                  class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
+                  opset: int | None = None) -> Path:
     """Export ``model`` with its backward-to-last-layer probe graph as a bundle directory at ``path``.
 
     ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
     ``target_layer``: module name whose output the maps explain (default: last convolutional stage).
     ``class_names``: one per logit (default: ``model.class_names`` or "0".."C-1").
     ``normalize``: (mean, std) applied inside the graph (default: ``model.input_normalization``).
+    ``layer_grads``: also output ``layer_grad_sqnorm`` [B, P], every parameter tensor's per-sample
+    gradient norm for the all-ones ``confounding`` label ("bce" on the logits, or "softmax").
     Returns the bundle path; nothing is left behind on failure.
     """
     if not isinstance(model, nn.Module):
@@ -145,10 +157,15 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
     try:
         graph = trace(model, (example - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1),
                       target_layer)
-        probe = ProbeModule(graph, mean, std).eval()
+        if confounding not in CONFOUNDING_LOSSES:
+            raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
+        norms = layer_plan(model, graph) if layer_grads else None
+        probe = ProbeModule(graph, mean, std, norms, confounding).eval()
         with torch.no_grad():
             env = probe.run_graph(example)
             check_head(graph, env)
+            if norms:
+                probe(example[:2], torch.full((min(2, len(example)),), -1))  # ExportError names a layer without rule
         logits = env[graph.logits]
         classes, feature_dim = logits.shape[1], env[graph.features].shape[1]
         names = list(class_names if class_names is not None else
@@ -186,7 +203,8 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
                              "meaning": "class Q of the contrastive map; -1 = the second most likely class"},
                 "target_layer": {"name": graph.target_name, "shape": target_shape},
                 "head": {"linear": graph.linear_name, "features": feature_dim},
-                "outputs": OUTPUTS,
+                "outputs": {**OUTPUTS, **(LAYER_GRADS_OUTPUT if norms else {})},
+                "layer_grads": _layer_grads_manifest(norms, confounding) if norms else None,
                 "score_orientation": SCORE_ORIENTATION,
                 "files": files,
                 "export": {"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",

@@ -15,17 +15,6 @@ _POOLING_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool2d, torch.nn.function
                       torch.nn.functional.max_pool2d, torch.nn.functional.adaptive_max_pool2d}
 
 
-class _Tracer(fx.Tracer):
-    """The standard tracer, except that the chosen target module stays one node (a leaf)."""
-
-    def __init__(self, leaf_name: str | None):
-        super().__init__()
-        self.leaf_name = leaf_name
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return qualified_name == self.leaf_name or super().is_leaf_module(module, qualified_name)
-
-
 @dataclass
 class ProbeGraph:
     """A traced classifier and the nodes the probe reads: target activation A, features h, logits z."""
@@ -37,20 +26,26 @@ class ProbeGraph:
     target_name: str
     linear_name: str
 
-    def layer_name(self, node: fx.Node) -> str:
-        return node.target if node.op == "call_module" else node.name
+    def _feeding_logits(self) -> set:
+        reaches = {self.logits}
+        for node in reversed(list(self.module.graph.nodes)):
+            if any(user in reaches for user in node.users):
+                reaches.add(node)
+        return reaches
 
     def head_nodes(self) -> list[fx.Node]:
         """Nodes on a path from the target activation to the logits, in execution order."""
         depends = {self.target}
         for node in self.module.graph.nodes:
-            if any(isinstance(arg, fx.Node) and arg in depends for arg in node.all_input_nodes):
+            if any(arg in depends for arg in node.all_input_nodes):
                 depends.add(node)
-        reaches = {self.logits}
-        for node in reversed(list(self.module.graph.nodes)):
-            if any(user in reaches for user in node.users):
-                reaches.add(node)
+        reaches = self._feeding_logits()
         return [n for n in self.module.graph.nodes if n in depends and n in reaches and n is not self.target]
+
+    def network_nodes(self) -> list[fx.Node]:
+        """Every computing node the logits depend on, in execution order: the whole backward pass."""
+        reaches = self._feeding_logits()
+        return [n for n in self.module.graph.nodes if n in reaches and n.op not in ("placeholder", "get_attr")]
 
 
 def _is_pooling(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -79,8 +74,7 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
         raise ExportError(f"target_layer {target_layer!r} is not a module of {type(model).__name__}; "
                           f"module names look like {candidates}")
     try:
-        tracer = _Tracer(target_layer)
-        graph = tracer.trace(model)
+        graph = fx.Tracer().trace(model)
     except Exception as error:  # fx raises many kinds of errors on data-dependent control flow
         raise ExportError(f"torch.fx cannot trace {type(model).__name__}: {error}. The probe graph needs a "
                           "model without data-dependent Python control flow.") from error
@@ -99,7 +93,8 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
     features = logits.args[0]
 
     if target_layer is not None:
-        matches = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == target_layer]
+        # the output of a module is the last node traced inside it (containers are traced through)
+        matches = [n for n in graph_module.graph.nodes if target_layer in (n.meta.get("nn_module_stack") or {})]
         if not matches:
             raise ExportError(f"target_layer {target_layer!r} is never called in {type(model).__name__}.forward")
         target = matches[-1]
@@ -115,7 +110,7 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
         raise ExportError(f"target layer {_describe(graph_module, target)} outputs shape "
                           f"{tuple(_shape(target) or ())}; a [B, K, u, v] activation is needed")
     probe_graph = ProbeGraph(graph_module, target, features, logits,
-                             target_name=(target.target if target.op == "call_module" else target.name),
+                             target_name=target_layer or (target.target if target.op == "call_module" else target.name),
                              linear_name=logits.target)
     if logits not in probe_graph.head_nodes():
         raise ExportError(f"the logits do not depend on the target layer {probe_graph.target_name!r}")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .backward import backprop_to_target
+from .backward import backprop, backprop_to_target
 from .graph import ProbeGraph
+from .layer_grads import ParameterNorm, PatchExtractor, closed_form_sqnorm, confounding_logit_grad, gram_sqnorm
 
 #: Output names in the order ``ProbeModule.forward`` returns them, with their meaning.
 OUTPUTS = {
@@ -24,6 +25,8 @@ OUTPUTS = {
     "contrastive_cam": "'why P, rather than Q?': alpha = mean_uv dCE(z, Q)/dA, [B, u, v]",
     "counterfactual_cam": "'what if not P?': ReLU(-sum_k alpha_k A_k) with Grad-CAM's alpha, [B, u, v]",
 }
+LAYER_GRADS_OUTPUT = {"layer_grad_sqnorm": "squared L2 norm of every parameter tensor's per-sample gradient for "
+                                           "the all-ones confounding label, model.named_parameters() order, [B, P]"}
 
 
 def _one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -38,16 +41,34 @@ def _weighted_map(alpha_source: torch.Tensor, activation: torch.Tensor) -> torch
 
 
 class ProbeModule(nn.Module):
-    """forward(images in [0,1], contrast) -> the tensors of ``OUTPUTS``, in that order."""
+    """forward(images in [0,1], contrast) -> the tensors named by ``output_names()``, in that order.
 
-    def __init__(self, graph: ProbeGraph, mean=None, std=None):
+    With ``layer_norms`` (see layer_grads.plan) it adds ``layer_grad_sqnorm`` and, for the conv weights
+    left to the kernels, their taps ``tap_input_<column>`` / ``tap_grad_<column>``.
+    """
+
+    def __init__(self, graph: ProbeGraph, mean=None, std=None, layer_norms: list[ParameterNorm] | None = None,
+                 confounding: str = "bce"):
         super().__init__()
         self.graph_module = graph.module
         self.graph = graph
+        self.layer_norms = list(layer_norms or [])
+        self.confounding = confounding
+        self.patches = nn.ModuleDict({str(column): PatchExtractor(entry.spec)
+                                      for column, entry in enumerate(self.layer_norms) if entry.form == "gram"})
         mean = torch.zeros(1) if mean is None else torch.as_tensor(mean, dtype=torch.float32)
         std = torch.ones(1) if std is None else torch.as_tensor(std, dtype=torch.float32)
         self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
+
+    def output_names(self) -> list[str]:
+        names = list(OUTPUTS)
+        if self.layer_norms:
+            names += list(LAYER_GRADS_OUTPUT)
+            for column, entry in enumerate(self.layer_norms):
+                if entry.form == "tap":
+                    names += [f"tap_input_{column}", f"tap_grad_{column}"]
+        return names
 
     def run_graph(self, x: torch.Tensor) -> dict:
         """Every node's value, so the backward rules can read the saved activations."""
@@ -91,5 +112,26 @@ class ProbeModule(nn.Module):
         cam = torch.relu(gradcam_weights)
         counterfactual_cam = torch.relu(-gradcam_weights)
         contrastive_cam = torch.relu(contrastive_weights)
-        return (logits, probs, pred, features, contrast_class, label_grad_sqnorm, confounding_grad_sqnorm,
-                cam, contrastive_cam, counterfactual_cam)
+        outputs = (logits, probs, pred, features, contrast_class, label_grad_sqnorm, confounding_grad_sqnorm,
+                   cam, contrastive_cam, counterfactual_cam)
+        if self.layer_norms:
+            outputs += self._layer_grads(env, logits)
+        return outputs
+
+    def _layer_grads(self, env: dict, logits: torch.Tensor) -> tuple:
+        """METHODS §1/§6: one batched backward of the confounding loss through the whole network."""
+        owners = {entry.node for entry in self.layer_norms}
+        grads = backprop(self.graph, env, confounding_logit_grad(logits, self.confounding),
+                         self.graph.network_nodes(), keep=owners)
+        columns, taps = [], []
+        for column, entry in enumerate(self.layer_norms):
+            x, grad = env[entry.node.args[0]], grads[entry.node]
+            if entry.form == "closed":
+                module = self.graph_module.get_submodule(entry.node.target)
+                columns.append(closed_form_sqnorm(entry, module, x, grad))
+            elif entry.form == "gram":
+                columns.append(gram_sqnorm(self.patches[str(column)](x), grad, entry.spec.groups))
+            else:  # filled in by gradprobe.kernels from the taps
+                columns.append(torch.zeros_like(logits[:, 0]))
+                taps += [x, grad]
+        return (torch.stack(columns, dim=1), *taps)

@@ -1,7 +1,8 @@
 """The research-style reference in eager PyTorch: per sample, forward, then one backward per label and map.
 
-This is how the original research scripts compute the quantities (autograd, batch size 1). It is the
-oracle of the parity tests and engine (c) of the benchmarks; it is deliberately not clever.
+This is how the original research scripts compute the quantities (batch size 1, ``zero_grad`` and a full
+``loss.backward()`` per label and per map, reading ``.grad``). It is the oracle of the parity tests and
+engine (c) of the benchmarks; it is deliberately not clever.
 """
 from __future__ import annotations
 
@@ -61,14 +62,20 @@ class ResearchReference:
                 hook.remove()
         return logits, captured["activation"], captured["features"]
 
+    def _backward(self, loss: torch.Tensor, activation: torch.Tensor):
+        """A full ``loss.backward()`` through the network, as research scripts do; returns the gradients read."""
+        self.model.zero_grad(set_to_none=True)
+        activation.grad = None
+        loss.backward(retain_graph=True)
+        return self.linear.weight.grad, self.linear.bias.grad, activation.grad
+
     def run(self, images: np.ndarray, contrast=None) -> dict[str, np.ndarray]:
         """The probe outputs (same names as the ONNX graph) for every image, one at a time."""
         x_all = _normalized(images, self.normalize)
-        params = [self.linear.weight, self.linear.bias]
         rows = []
         for index in range(len(x_all)):
-            x = x_all[index:index + 1]
-            logits, activation, features = self._forward(x)
+            logits, activation, features = self._forward(x_all[index:index + 1])
+            activation.retain_grad()
             probs = torch.softmax(logits, dim=1)
             classes = logits.shape[1]
             pred = int(logits.argmax(1))
@@ -77,16 +84,15 @@ class ResearchReference:
 
             label_sq = []
             for label in range(classes):
-                loss = F.cross_entropy(logits, torch.tensor([label]))
-                label_sq.append(_sqnorm(torch.autograd.grad(loss, params, retain_graph=True)))
+                grad_w, grad_b, _ = self._backward(F.cross_entropy(logits, torch.tensor([label])), activation)
+                label_sq.append(_sqnorm([grad_w, grad_b]))
             bce = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="sum")
-            grad_w, grad_b = torch.autograd.grad(bce, params, retain_graph=True)
+            grad_w, grad_b, _ = self._backward(bce, activation)
             confounding = [_sqnorm([grad_w]), _sqnorm([grad_b])]
 
-            (grad_cam,) = torch.autograd.grad(logits[0, pred], activation, retain_graph=True)
-            (grad_con,) = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([q])), activation,
-                                              retain_graph=True)
-            (grad_cf,) = torch.autograd.grad(logits[0, pred], activation)
+            grad_cam = self._backward(logits[0, pred], activation)[2].clone()
+            grad_con = self._backward(F.cross_entropy(logits, torch.tensor([q])), activation)[2].clone()
+            grad_cf = self._backward(logits[0, pred], activation)[2].clone()
             rows.append(dict(
                 logits=logits[0].detach().numpy(), probs=probs[0].detach().numpy(), pred=np.int64(pred),
                 features=features[0].detach().numpy(), contrast_class=np.int64(q),
@@ -94,4 +100,5 @@ class ResearchReference:
                 confounding_grad_sqnorm=np.array(confounding, dtype=np.float64),
                 cam=_map(grad_cam, activation), contrastive_cam=_map(grad_con, activation),
                 counterfactual_cam=_map(grad_cf, activation, sign=-1.0)))
+        self.model.zero_grad(set_to_none=True)
         return {name: np.stack([row[name] for row in rows]) for name in rows[0]}

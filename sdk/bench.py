@@ -133,9 +133,7 @@ def _reference_engine(bundle: Path, manifest: dict, threads: int):
 
     torch.set_num_threads(threads)
     model = load_checkpoint(bundle / manifest["model"]["weights"])
-    normalize = manifest["input"].get("normalize")
-    reference = ResearchReference(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
-                                  (normalize["mean"], normalize["std"]) if normalize else None)
+    reference = ResearchReference.for_bundle(model, manifest)  # the bundle's target, head and normalisation
     return lambda x: reference.run(x, None)
 
 
@@ -156,14 +154,39 @@ def spread_schedule(rounds: dict[str, int]) -> list[str]:
     return order
 
 
-def time_interleaved(engines: dict, feeds, rounds: dict[str, int], warmup: dict[str, int],
+#: Default rounds policy (``rounds=None``): after the warm-up, each engine gets about ``BUDGET_S`` seconds
+#: of timed calls per batch, clamped to [MIN_ROUNDS, MAX_ROUNDS]. Fixed rounds when ``rounds`` is given.
+BUDGET_S = {"a": 3.0, "b": 3.0, "c": 8.0, "d": 5.0}
+MIN_ROUNDS = {"a": 20, "b": 20, "c": 5, "d": 10}
+MAX_ROUNDS = {"a": 200, "b": 200, "c": 30, "d": 100}
+WARMUP = {"a": 5, "b": 5, "c": 1, "d": 3}
+
+
+def budget_rounds(name: str, seconds_per_call: float) -> int:
+    """Rounds for ``name`` under the default policy, given one warm call's duration."""
+    wanted = int(BUDGET_S[name] / max(seconds_per_call, 1e-6))
+    return max(MIN_ROUNDS[name], min(MAX_ROUNDS[name], wanted))
+
+
+def time_interleaved(engines: dict, feeds, rounds: dict[str, int] | None, warmup: dict[str, int],
                      progress=None) -> dict[str, list[float]]:
-    """Warm every engine up, then time single calls round-robin; returns seconds per call per engine."""
+    """Warm every engine up, then time single calls round-robin; returns seconds per call per engine.
+
+    ``rounds`` None: chosen per engine from its last warm-up call (``budget_rounds``).
+    """
+    last = {}
     for name, fn in engines.items():
-        for _ in range(warmup.get(name, 1)):
+        for _ in range(max(1, warmup.get(name, 1))):
+            start = time.perf_counter()
             fn(feeds)
+            last[name] = time.perf_counter() - start
             if progress is not None:
                 progress.update(1)
+    if rounds is None:
+        rounds = {name: budget_rounds(name, last[name]) for name in engines}
+    if progress is not None:
+        progress.total = progress.n + sum(rounds[n] for n in engines)
+        progress.refresh()
     times = {name: [] for name in engines}
     for name in spread_schedule({n: rounds[n] for n in engines}):
         start = time.perf_counter()
@@ -181,30 +204,16 @@ def summarize(engine: str, batch: int, seconds) -> dict:
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
 
 
-def default_rounds(batch: int) -> dict[str, int]:
-    """Rounds per engine: (c) costs ~50 ms per image on the shipped ResNet, (a)/(b) a few ms per batch."""
-    if batch >= 32:
-        return {"a": 30, "b": 30, "c": 5, "d": 30}
-    if batch >= 8:
-        return {"a": 60, "b": 60, "c": 8, "d": 60}
-    return {"a": 200, "b": 200, "c": 30, "d": 100}
-
-
-def default_warmup(batch: int) -> dict[str, int]:
-    return {"a": 5, "b": 5, "c": 1, "d": 3}
-
-
-def _rounds_for(rounds, batch: int) -> dict[str, int]:
-    base = default_rounds(batch)
+def _fixed_rounds(rounds) -> dict[str, int] | None:
     if rounds is None:
-        return base
-    if isinstance(rounds, int):
-        if rounds < 1:
-            raise InputError(f"rounds must be a positive integer, got {rounds}")
-        return {name: rounds for name in base}
-    if isinstance(rounds, dict):
-        return {**base, **{k: int(v) for k, v in rounds.items()}}
-    raise InputError(f"rounds must be None, an int or a dict engine -> int, got {rounds!r}")
+        return None
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, dict)):
+        raise InputError(f"rounds must be None, an int or a dict engine -> int, got {rounds!r}")
+    fixed = {name: rounds for name in ENGINES} if isinstance(rounds, int) else {
+        name: int(rounds.get(name, MIN_ROUNDS[name])) for name in ENGINES}
+    if min(fixed.values()) < 1:
+        raise InputError(f"rounds must be positive, got {rounds!r}")
+    return fixed
 
 
 def compose(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -234,12 +243,21 @@ def compose(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------- peers (d)
-def find_peers_python(peers_python=None) -> Path | None:
-    """``peers_python`` if given, else $GRADPROBE_PEERS_PYTHON, else ``.venv-peers/bin/python`` under the cwd."""
-    for candidate in (peers_python, os.environ.get(PEERS_ENV), Path.cwd() / ".venv-peers" / "bin" / "python"):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    return None
+def find_peers_python(peers_python=None) -> tuple[Path | None, str]:
+    """``(python, where)``: ``peers_python`` if given, else $GRADPROBE_PEERS_PYTHON, else ./.venv-peers/bin/python.
+
+    An explicit path or environment value that does not exist gives ``(None, why)``; no silent fallback.
+    """
+    if peers_python:
+        path = Path(peers_python)
+        return (path, "--peers-python") if path.exists() else (None, f"peers python {path} does not exist")
+    if os.environ.get(PEERS_ENV):
+        path = Path(os.environ[PEERS_ENV])
+        return (path, PEERS_ENV) if path.exists() else (None, f"${PEERS_ENV}={path} does not exist")
+    path = Path.cwd() / ".venv-peers" / "bin" / "python"
+    if path.exists():
+        return path, ".venv-peers"
+    return None, f"peers venv .venv-peers not found in {Path.cwd()} — run `make peers`"
 
 
 def find_peers_script() -> Path | None:
@@ -250,9 +268,13 @@ def find_peers_script() -> Path | None:
     return None
 
 
-def run_gradcam_peer(peers_python, bundle, batches: dict[int, np.ndarray], rounds: dict[int, int],
-                     warmup: int, threads: int, timeout: float = 900) -> dict:
-    """Run (d) in the peers venv; returns the script's JSON ({"batches": {B: [seconds]}, ...})."""
+def run_gradcam_peer(peers_python, bundle, batches: dict[int, np.ndarray], rounds=None,
+                     warmup: int = WARMUP["d"], threads: int = 2, timeout: float = 900) -> dict:
+    """Run (d) in the peers venv; returns the script's JSON ({"batches": {"B": [seconds, ...]}, ...}).
+
+    ``rounds``: an int, a dict batch -> int, or None: the default policy (``budget_rounds``) applied in the
+    subprocess after its warm-up.
+    """
     bundle = Path(bundle).resolve()
     manifest = read_manifest(bundle)
     script = find_peers_script()
@@ -262,11 +284,14 @@ def run_gradcam_peer(peers_python, bundle, batches: dict[int, np.ndarray], round
         spec = {"checkpoint": str(bundle / manifest["model"]["weights"]),
                 "target_layer": manifest["target_layer"]["name"],
                 "normalize": manifest["input"].get("normalize"),
-                "threads": threads, "warmup": warmup, "batches": []}
+                "threads": threads, "warmup": warmup, "batches": [],
+                "budget_s": BUDGET_S["d"], "min_rounds": MIN_ROUNDS["d"], "max_rounds": MAX_ROUNDS["d"]}
         for batch, images in batches.items():
             path = Path(folder) / f"batch{batch}.npy"
             np.save(path, images)
-            spec["batches"].append({"batch": batch, "images": str(path), "rounds": rounds[batch]})
+            count = rounds.get(batch) if isinstance(rounds, dict) else rounds
+            spec["batches"].append({"batch": int(batch), "images": str(path),
+                                    "rounds": None if count is None else int(count)})
         spec_path = Path(folder) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
@@ -293,27 +318,99 @@ def _environment(threads: int) -> dict:
     return env
 
 
+def busy_cores(interval: float = 1.0) -> float | None:
+    """CPU cores busy over ``interval`` seconds, from /proc/stat (None off Linux): other work skews timings."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+class OtherLoad:
+    """Average CPU cores used by *other* processes between ``start()`` and ``stop()`` (Linux; else None).
+
+    System-wide busy time from /proc/stat minus this process's and its waited-for children's CPU time:
+    a run during which other work took a core is not a clean measurement, and the report says so.
+    """
+
+    def __init__(self):
+        self._start = None
+
+    @staticmethod
+    def _sample():
+        with open("/proc/stat", encoding="ascii") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        busy = (sum(values[:8]) - values[3] - values[4]) / ticks  # user..steal minus idle and iowait
+        return time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system
+
+    def start(self) -> "OtherLoad":
+        try:
+            self._start = self._sample()
+        except (OSError, ValueError, IndexError, AttributeError):
+            self._start = None
+        return self
+
+    def stop(self) -> float | None:
+        if self._start is None:
+            return None
+        try:
+            wall1, busy1, own1 = self._sample()
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+        wall0, busy0, own0 = self._start
+        if wall1 <= wall0:
+            return None
+        return round(max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)), 2)
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_latency(bundle: str | os.PathLike, batches=(1, 64), rounds=None, threads: int = 2,
                 peers_python=None, progress: bool = True, engines=("a", "b", "c", "d")) -> dict:
     """Time engines (a)-(d) on ``bundle`` at each batch size; see the module docstring.
 
-    ``rounds``: None (defaults per batch: fewer for the slow reference), an int for every engine, or a
-    dict engine -> int. ``peers_python``: the peers venv's python for (d) (default: $GRADPROBE_PEERS_PYTHON
-    or ./.venv-peers/bin/python). Returns a dict with ``rows`` (engine, batch, median_ms, p90_ms, n ...),
-    ``ratios`` (b/a, c/b, d/b per batch, from the medians), ``targets`` and ``skipped`` (reasons).
+    ``rounds``: None (per engine about ``BUDGET_S`` seconds after warm-up, within [MIN_ROUNDS, MAX_ROUNDS]),
+    an int for every engine, or a dict engine -> int. ``peers_python``: the peers venv's python for (d)
+    (default: $GRADPROBE_PEERS_PYTHON or ./.venv-peers/bin/python). Returns a dict with ``rows`` (engine,
+    batch, median_ms, p90_ms, n ...), ``ratios`` (b/a, c/b, d/b per batch, from the medians), ``targets``,
+    ``skipped`` (reasons) and ``drift`` ((b) timed again after (d): a check that the machine stayed the same).
     """
     from tqdm.auto import tqdm
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    batches = sorted({int(b) for b in batches})
+    try:
+        batches = sorted({int(b) for b in batches})
+    except (TypeError, ValueError) as error:
+        raise InputError(f"batches must be positive integers, got {batches!r}") from error
     if not batches or batches[0] < 1:
         raise InputError(f"batches must be positive integers, got {batches}")
-    if not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    skipped, rows, inputs = [], [], {}
-    plan = {b: _rounds_for(rounds, b) for b in batches}
-    warm = {b: default_warmup(b) for b in batches}
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise InputError(f"unknown engines {unknown}; expected some of {list(ENGINES)}")
+    fixed = _fixed_rounds(rounds)
+    skipped, rows, inputs, drift = [], [], {}, []
+    load_before, busy_before = _load(), busy_cores()
+    others = OtherLoad().start()
     images = {}
     for b in batches:
         images[b], inputs[b] = input_batch(manifest, b)
@@ -321,37 +418,43 @@ def run_latency(bundle: str | os.PathLike, batches=(1, 64), rounds=None, threads
     with tempfile.TemporaryDirectory(prefix="gradprobe-bench-") as workdir:
         built, reasons = build_engines(bundle, workdir, threads, [e for e in engines if e in "abc"])
         skipped += reasons
-        total = sum(warm[b].get(n, 1) + plan[b][n] for b in batches for n in built)
-        with tqdm(total=total, desc="latency (a,b,c interleaved)", unit="call", disable=not progress,
+        with tqdm(total=None, desc="(a,b,c) interleaved", unit="call", disable=not progress,
                   leave=False, file=sys.stderr) as bar:
             for b in batches:
                 bar.set_postfix(batch=b)
-                times = time_interleaved(built, images[b], plan[b], warm[b], progress=bar)
+                times = time_interleaved(built, images[b], fixed, WARMUP, progress=bar)
                 rows += [summarize(name, b, times[name]) for name in built]
-        del built  # release the sessions and the torch model before (d) starts
 
-    if "d" in engines:
-        reason = None
-        python = find_peers_python(peers_python)
-        if not manifest.get("model", {}).get("weights"):
-            reason = "(d) skipped: bundle has no model weights (model.safetensors) for GradCAM to load"
-        elif python is None:
-            reason = ("(d) skipped: peers venv .venv-peers not found — run `make peers` (or set "
-                      f"{PEERS_ENV} / --peers-python)")
-        if reason:
-            skipped.append(reason)
-        else:
-            with tqdm(total=1, desc="(d) GradCAM in the peers venv", disable=not progress, leave=False,
-                      file=sys.stderr) as bar:
-                try:
-                    peer = run_gradcam_peer(python, bundle, images, {b: plan[b]["d"] for b in batches},
-                                            warm[batches[0]]["d"], threads)
+        if "d" in engines:
+            reason = None
+            python, where = find_peers_python(peers_python)
+            if not manifest.get("model", {}).get("weights"):
+                reason = "(d) skipped: bundle has no model weights (model.safetensors) for GradCAM to load"
+            elif python is None:
+                reason = f"(d) skipped: {where} (or set ${PEERS_ENV} / --peers-python)"
+            if reason:
+                skipped.append(reason)
+            else:
+                with tqdm(total=1, desc="(d) GradCAM in the peers venv", disable=not progress, leave=False,
+                          file=sys.stderr) as bar:
+                    try:
+                        peer = run_gradcam_peer(python, bundle, images, None if fixed is None else fixed["d"],
+                                                WARMUP["d"], threads)
+                        for b in batches:
+                            rows.append(summarize("d", b, peer["batches"][str(b)]))
+                        inputs["peers"] = {k: v for k, v in peer.items() if k != "batches"}
+                    except Exception as error:  # report, never fake: (d) is absent and says why
+                        skipped.append(f"(d) failed in {python}: {str(error)[:600]}")
+                    bar.update(1)
+                if "b" in built and any(r["engine"] == "d" for r in rows):
+                    # (b) again right after (d): if the machine changed meanwhile, (d)/(b) is suspect
+                    medians = {r["batch"]: r["median_ms"] for r in rows if r["engine"] == "b"}
                     for b in batches:
-                        rows.append(summarize("d", b, peer["batches"][str(b)]))
-                    inputs["peers"] = {k: v for k, v in peer.items() if k != "batches"}
-                except Exception as error:  # report, never fake: (d) is absent and says why
-                    skipped.append(f"(d) failed in {python}: {str(error)[:600]}")
-                bar.update(1)
+                        again = summarize("b", b, time_interleaved({"b": built["b"]}, images[b],
+                                                                   {"b": MIN_ROUNDS["b"]}, {"b": 1})["b"])
+                        drift.append({"batch": b, "b_median_ms": medians[b], "b_after_d_median_ms":
+                                      again["median_ms"], "ratio": again["median_ms"] / medians[b]})
+        del built  # release the sessions and the torch model
 
     ratios, targets = compose(rows)
     return {
@@ -362,15 +465,18 @@ def run_latency(bundle: str | os.PathLike, batches=(1, 64), rounds=None, threads
         "engines": {k: ENGINES[k] for k in engines},
         "batches": batches,
         "inputs": {str(k): v for k, v in inputs.items()},
-        "rounds": {str(b): plan[b] for b in batches},
-        "warmup": {str(b): warm[b] for b in batches},
-        "environment": _environment(threads),
+        "rounds": "default policy" if fixed is None else fixed,
+        "rounds_policy": {"budget_s": BUDGET_S, "min": MIN_ROUNDS, "max": MAX_ROUNDS},
+        "warmup": WARMUP,
+        "environment": {**_environment(threads), "load_average_before": load_before, "load_average_after": _load(),
+                        "busy_cores_before": busy_before, "other_busy_cores_during": others.stop()},
         "method": ("(a),(b),(c) timed interleaved round-robin in one process after warm-up (single calls, "
                    "perf_counter); (d) in a peers-venv subprocess right after; ORT spinning off, "
                    f"{threads} intra-op threads; torch.set_num_threads({threads}); ratios of medians"),
         "rows": rows,
         "ratios": ratios,
         "targets": targets,
+        "drift": drift,
         "skipped": skipped,
     }
 
@@ -403,6 +509,20 @@ def format_table(result: dict) -> str:
         lines.append(f"- target ({target['ratio']}) {target['comparison']} {target['bound']} at batch "
                      f"{target['batch']}: **{mark}**" +
                      ("" if target["value"] is None else f" (measured {target['value']:.3f})"))
+    for entry in result.get("drift", []):
+        lines.append(f"- check: (b) at batch {entry['batch']} re-timed after (d): median "
+                     f"{entry['b_after_d_median_ms']:.3f} ms vs {entry['b_median_ms']:.3f} ms "
+                     f"(x{entry['ratio']:.2f}; far from 1 means the machine changed during the run)")
+    load = result.get("environment", {})
+    busy = load.get("busy_cores_before")
+    if busy is not None and busy > 0.3:
+        lines.append(f"- WARNING: {busy} CPU cores were busy with other work just before the run; "
+                     "the times (and ratios) may be skewed — rerun on a quiet machine")
+    during = load.get("other_busy_cores_during")
+    if during is not None:
+        verdict = ("WARNING: other processes competed for the CPUs; the times (and ratios) are skewed — "
+                   "rerun on a quiet machine" if during > 0.2 else "a clean run")
+        lines.append(f"- other processes used {during} CPU cores on average during the run: {verdict}")
     for reason in result.get("skipped", []):
         lines.append(f"- {reason}")
     return "\n".join(lines) + "\n"
@@ -447,7 +567,7 @@ def add_bench_command(subparsers) -> None:
     bench.add_argument("bundle", help="bundle directory written by gradprobe.export")
     bench.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
     bench.add_argument("--rounds", type=int, default=None,
-                       help="timed calls per engine and batch (default: per batch, fewer for the slow reference)")
+                       help="timed calls per engine and batch (default: about gradprobe.bench.BUDGET_S seconds each)")
     bench.add_argument("--threads", type=int, default=2, help="intra-op threads for ORT and torch (default 2)")
     bench.add_argument("--peers-python", default=None,
                        help=f"python of the peers venv for GradCAM (default ${PEERS_ENV} or .venv-peers/bin/python)")
@@ -458,4 +578,5 @@ def add_bench_command(subparsers) -> None:
 
 __all__ = ["ENGINES", "run_latency", "format_table", "write_results", "add_bench_command", "build_engines",
            "logits_only_model", "time_interleaved", "spread_schedule", "summarize", "compose",
-           "find_peers_python", "run_gradcam_peer"]
+           "find_peers_python", "run_gradcam_peer", "OtherLoad", "busy_cores", "budget_rounds", "BUDGET_S", "MIN_ROUNDS", "MAX_ROUNDS",
+           "WARMUP"]

@@ -52,7 +52,8 @@ class Probe:
         chunks = []
         for start in range(0, len(images), self.max_batch):
             stop = start + self.max_batch
-            chunks.append(self.backend.run({"images": images[start:stop], "contrast": contrast[start:stop]}))
+            outputs = self.backend.run({"images": images[start:stop], "contrast": contrast[start:stop]})
+            chunks.append(_complete_layer_grads(outputs, self.manifest.get("layer_grads")))
         outputs = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
         return ProbeResult.from_outputs(outputs, self.class_names)
 
@@ -73,6 +74,19 @@ class Probe:
         from .detect import detect
 
         return detect(self, images)
+
+
+def _complete_layer_grads(outputs: dict, layer_grads: dict | None) -> dict:
+    """Fill the conv-weight norms the graph left to the kernels (direct form, from the taps), drop the taps."""
+    if not layer_grads:
+        return outputs
+    from gradprobe.kernels import ConvSpec, conv_weight_sqnorm
+
+    for tap in layer_grads["taps"]:
+        x, grad = outputs.pop(tap["input"]), outputs.pop(tap["grad"])
+        spec = ConvSpec.from_dict(tap["conv"])
+        outputs["layer_grad_sqnorm"][:, tap["column"]] = conv_weight_sqnorm(x, grad, spec, form="direct")
+    return outputs
 
 
 def load(bundle: str | os.PathLike, *, providers=None, **options) -> Probe:

@@ -1,0 +1,54 @@
+"""Per-sample squared norms of conv/linear weight gradients in numpy: the CPU path and the test oracle."""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .cost import ConvSpec, choose_form
+
+
+def unfold(x: np.ndarray, spec: ConvSpec) -> np.ndarray:
+    """Input patches [B, groups, patch, T] of x [B, C, H, W] (patch order matches the weight layout)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = spec.kernel, spec.stride, spec.padding, spec.dilation
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    windows = sliding_window_view(padded, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]                      # [B, C, Ho, Wo, kh, kw]
+    batch, channels, out_h, out_w = windows.shape[:4]
+    patches = windows.transpose(0, 1, 4, 5, 2, 3)                        # [B, C, kh, kw, Ho, Wo]
+    return patches.reshape(batch, spec.groups, channels // spec.groups * kh * kw, out_h * out_w)
+
+
+def _grouped_grads(g: np.ndarray, groups: int) -> np.ndarray:
+    batch, out_channels = g.shape[:2]
+    return g.reshape(batch, groups, out_channels // groups, -1)          # [B, G, out/G, T]
+
+
+def conv_weight_sqnorm(x: np.ndarray, g: np.ndarray, spec: ConvSpec, form: str = "auto",
+                       chunk: int = 8) -> np.ndarray:
+    """||dL_b/dW||^2 for every sample b, from the layer input x [B,C,H,W] and output gradient g [B,O,Ho,Wo].
+
+    Works through ``chunk`` samples at a time, so at most ``chunk`` per-sample gradients (direct) or
+    Gram matrices exist at once. Accumulates in float64.
+    """
+    if form == "auto":
+        form = choose_form(spec, g.shape[2] * g.shape[3])
+    out = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), chunk):
+        patches = unfold(x[start:start + chunk], spec).astype(np.float64)
+        grads = _grouped_grads(g[start:start + chunk], spec.groups).astype(np.float64)
+        if form == "direct":
+            per_sample = grads @ patches.transpose(0, 1, 3, 2)          # [b, G, out/G, patch]
+            out[start:start + chunk] = np.square(per_sample).sum(axis=(1, 2, 3))
+        elif form == "gram":
+            gram_a = patches.transpose(0, 1, 3, 2) @ patches             # [b, G, T, T]
+            gram_g = grads.transpose(0, 1, 3, 2) @ grads
+            out[start:start + chunk] = (gram_a * gram_g).sum(axis=(1, 2, 3))
+        else:
+            raise ValueError(f"form must be 'direct', 'gram' or 'auto', got {form!r}")
+    return out
+
+
+def linear_weight_sqnorm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """||g_b x_b^T||^2 = ||g_b||^2 ||x_b||^2 for x [B, in], g [B, out]: no per-sample gradient needed."""
+    x, g = x.astype(np.float64), g.astype(np.float64)
+    return np.square(g).sum(axis=1) * np.square(x).sum(axis=1)

@@ -1,0 +1,165 @@
+"""layer_grad_sqnorm (every parameter tensor, per sample, confounding label) equals torch.func.vmap(grad)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import gradprobe
+from gradprobe.errors import ExportError
+from gradprobe.export.parity import ABSOLUTE_FLOOR, RELATIVE
+
+from ..conftest import REFERENCE_MODELS, make_model
+
+
+def vmap_sqnorms(model, images, normalize, names, loss="bce", dtype=torch.float32):
+    """The reference: per-sample gradients with torch.func.vmap(grad), then their squared norms."""
+    model = copy.deepcopy(model).to(dtype)
+    mean, std = (torch.tensor(v, dtype=dtype).view(1, -1, 1, 1) for v in normalize)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def confounding(params, x):
+        z = functional_call(model, (params, buffers), (x[None],))
+        if loss == "bce":
+            return nn.functional.binary_cross_entropy_with_logits(z, torch.ones_like(z), reduction="sum")
+        return -torch.log_softmax(z, dim=1).sum()
+
+    per_sample = vmap(grad(confounding), in_dims=(None, 0))(params, (torch.from_numpy(images).to(dtype) - mean) / std)
+    return np.stack([per_sample[n].double().pow(2).flatten(1).sum(1).numpy() for n in names], axis=1)
+
+
+@pytest.fixture(scope="module")
+def deep_exported(tmp_path_factory, fmnist_test):
+    cache = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            model = make_model(name) if isinstance(name, str) else name
+            path = tmp_path_factory.mktemp("deep") / "b"
+            cache[key] = (model, gradprobe.load(gradprobe.export(model, fmnist_test[0][:4], path,
+                                                                 layer_grads=True, **options)))
+        return cache[key]
+
+    return get
+
+
+def _check(model, probe, images, loss="bce"):
+    manifest = probe.manifest
+    normalize = (manifest["input"]["normalize"]["mean"], manifest["input"]["normalize"]["std"])
+    names = manifest["layer_grads"]["names"]
+    assert names == [n for n, _ in model.named_parameters()]
+    result = probe.run(images)
+    ours = result.layer_grad_sqnorm
+    # vmap(grad) in float32 and in float64: each alone is a shaky oracle. float32 vmap loses up to 3.7e-4 on
+    # BatchNorm-bias sums (MobileNet, batch 64) where float64 agrees with us to 4e-6; on one ResNet sample of 64
+    # float64 departs by 2% from both float32 computations, which agree with each other. Per element, ours must
+    # be within the bound of one of them.
+    errors = [np.abs(ours - ref) / np.maximum(np.abs(ref), ABSOLUTE_FLOOR / RELATIVE)
+              for ref in (vmap_sqnorms(model, images, normalize, names, loss, dtype)
+                          for dtype in (torch.float32, torch.float64))]
+    worst = np.minimum(*errors).max()
+    assert worst <= RELATIVE, f"max error {worst:.2e} (float32 vmap {errors[0].max():.2e}, float64 {errors[1].max():.2e})"
+    return result
+
+
+@pytest.mark.parametrize("batch", [1, 5, 64])
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_layer_grads_match_vmap(name, batch, deep_exported, fmnist_test):
+    model, probe = deep_exported(name)
+    images = fmnist_test[0][np.random.default_rng(batch).choice(10000, batch, replace=False)]
+    result = _check(model, probe, images)
+    # the last Linear's entries are the closed-form confounding_grad_sqnorm
+    fc_columns = [probe.manifest["layer_grads"]["names"].index(f"{probe.manifest['head']['linear']}.{p}")
+                  for p in ("weight", "bias")]
+    np.testing.assert_allclose(result.layer_grad_sqnorm[:, fc_columns], result.confounding_grad_sqnorm, rtol=1e-5)
+
+
+def test_resnet18_layout_has_62_entries(deep_exported, fmnist_test):
+    torch.manual_seed(0)
+    model = gradprobe.models.build_model("resnet18").eval()
+    _, probe = deep_exported(model)
+    assert len(probe.manifest["layer_grads"]["names"]) == 62
+    _check(model, probe, fmnist_test[0][:3])
+
+
+class ConvZoo(nn.Module):
+    """Stride 2, padding, dilation, groups, depthwise, bias-free and biased convs, max-pool, both norm forms."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)                           # 28 -> 14
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)   # dilated, grouped
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)               # depthwise
+        self.conv4 = nn.Conv2d(8, 16, 1)                                               # pointwise
+        self.relu4 = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)                                                    # 14 -> 7
+        self.conv5 = nn.Conv2d(16, 32, 3, stride=2, groups=2, bias=False)              # 7 -> 3, Gram form
+        self.relu5 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        x = self.pool(self.relu4(self.conv4(self.conv3(x))))
+        return self.fc(self.flatten(self.gap(self.relu5(self.conv5(x)))))
+
+
+@pytest.mark.parametrize("loss", ["bce", "softmax"])
+def test_conv_zoo(loss, deep_exported, fmnist_test):
+    torch.manual_seed(3)
+    model = ConvZoo().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.2, 0.2)
+        model.bn1.running_var.uniform_(0.5, 1.5)
+    _, probe = deep_exported(model, confounding=loss)
+    forms = dict(zip(probe.manifest["layer_grads"]["names"], probe.manifest["layer_grads"]["forms"]))
+    assert forms["conv5.weight"] == "gram" and forms["conv2.weight"] == "tap" and forms["conv1.bias"] == "closed"
+    for batch in (1, 5, 64):
+        _check(model, probe, fmnist_test[0][:batch], loss)
+
+
+class _SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.gap(self.conv(self.conv(self.stem(x))))))
+
+
+def test_module_called_twice_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="'conv' is called 2 times"):
+        gradprobe.export(_SharedConv(), torch.rand(2, 1, 8, 8), tmp_path / "b", layer_grads=True)
+
+
+class _Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.act = nn.GELU()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.gap(self.relu(self.conv(self.act(self.stem(x)))))))
+
+
+def test_unsupported_layer_in_body_is_named(tmp_path):
+    gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "maps_only")  # GELU is before the target: fine
+    with pytest.raises(ExportError, match=r"'act' \(GELU\)"):
+        gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "deep", layer_grads=True)
