@@ -3,7 +3,8 @@ from setuptools import setup
 
 EXPORT = ["torch>=2.4", "onnx>=1.17", "onnxscript>=0.3", "safetensors>=0.4"]
 CPU = ["onnxruntime>=1.20"]
-GPU = ["onnxruntime-gpu>=1.20", "tensorrt", "cuda-python>=12"]
+KERNELS = ["cuda-python>=12", "nvidia-cuda-nvrtc>=12"]  # compiles the CUDA kernels, even without a GPU
+GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
 VIZ = ["matplotlib>=3.7"]
 TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
 
@@ -17,15 +18,16 @@ setup(
     packages=["gradprobe", "gradprobe.export", "gradprobe.runtime", "gradprobe.kernels"],
     package_dir={"gradprobe": "sdk", "gradprobe.export": "export",
                  "gradprobe.runtime": "runtime", "gradprobe.kernels": "kernels"},
-    package_data={"gradprobe": ["pretrained/*.safetensors"], "gradprobe.kernels": ["*.cu"]},
-    install_requires=["numpy>=1.24", "tqdm>=4.60"],
+    package_data={"gradprobe": ["pretrained/*.safetensors"], "gradprobe.kernels": ["cuda/*.cu"]},
+    install_requires=["numpy>=1.24", "tqdm>=4.60", "threadpoolctl>=3"],
     extras_require={
         "export": EXPORT,
         "cpu": CPU,
         "gpu": GPU,
+        "kernels": KERNELS,
         "viz": VIZ,
         "test": TEST,
-        "dev": EXPORT + CPU + TEST + ["scikit-learn>=1.3"],
+        "dev": EXPORT + CPU + TEST + KERNELS,
     },
     entry_points={"console_scripts": ["gradprobe = gradprobe.cli:main"]},
 )

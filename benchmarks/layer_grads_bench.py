@@ -1,0 +1,190 @@
+"""Per-layer confounding-gradient norms on CPU: the probe graph against vmap(grad) and the per-sample loop.
+
+Side by side in one run, same model and batch, interleaved round-robin (gradprobe.bench.time_interleaved):
+  forward      ONNX Runtime, logits only (the probe graph's forward, extracted)
+  layer_grads  the probe graph with layer_grad_sqnorm (ONNX Runtime + numpy kernels for the tapped convs)
+  vmap         torch.func.vmap(grad) per-sample gradients, then their squared norms
+  loop         the research reference: per sample, forward + backward, read every .grad
+Then, each in its own subprocess, the peak memory (ru_maxrss growth) of the probe graph and of vmap(grad)
+on the ResNet-18 CIFAR layout (3x32x32) at batch 256.
+
+Usage: .venv/bin/python benchmarks/layer_grads_bench.py [--batch 64] [--rounds 5] [--skip-memory]
+Writes benchmarks/results/layer_grads.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+import gradprobe
+from gradprobe.bench import logits_only_model, summarize, time_interleaved
+from gradprobe.fileio import atomic_write_text
+from gradprobe.runtime.ort import OrtBackend
+
+RESULTS = Path(__file__).parent / "results"
+TARGETS = [("layer_grads / forward", "<=", 3.0), ("loop / layer_grads", ">=", 3.0), ("vmap / layer_grads", ">", 1.0)]
+
+
+def _confounding(z):
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, torch.ones_like(z), reduction="sum")
+
+
+def torch_engines(model, normalize):
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in normalize)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def per_sample_loss(p, sample):
+        return _confounding(functional_call(model, (p, buffers), (sample[None],)))
+
+    def vmap_norms(images):
+        with torch.no_grad():
+            x = (torch.from_numpy(images) - mean) / std
+        per_sample = vmap(grad(per_sample_loss), in_dims=(None, 0))(params, x)
+        return torch.stack([g.pow(2).flatten(1).sum(1) for g in per_sample.values()], 1)
+
+    def loop_norms(images):
+        x = (torch.from_numpy(images) - mean) / std
+        rows = []
+        for index in range(len(x)):
+            model.zero_grad(set_to_none=True)
+            _confounding(model(x[index:index + 1])).backward()
+            rows.append(torch.stack([p.grad.pow(2).sum() for p in model.parameters()]))
+        return torch.stack(rows)
+
+    return vmap_norms, loop_norms
+
+
+def measure_latency(model, bundle: Path, batch: int, rounds: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    probe = gradprobe.load(bundle, threads=threads, spinning=False)
+    forward_path = logits_only_model(bundle / "probe.onnx", bundle.parent / "forward.onnx")
+    forward = OrtBackend(forward_path, threads=threads, spinning=False)
+    normalize = (probe.manifest["input"]["normalize"]["mean"], probe.manifest["input"]["normalize"]["std"])
+    vmap_norms, loop_norms = torch_engines(model, normalize)
+    images = np.random.default_rng(0).random((batch, *probe.input_shape), dtype=np.float32)
+    ours = probe.run(images).layer_grad_sqnorm
+    check = vmap_norms(images).double().numpy()
+    agreement = float(np.max(np.abs(ours - check) / np.maximum(np.abs(check), 0.1)))
+    engines = {
+        "forward": lambda x: forward.run({"images": x}, ["logits"]),
+        "layer_grads": lambda x: probe.run(x),
+        "vmap": vmap_norms,
+        "loop": loop_norms,
+    }
+    times = time_interleaved(engines, images, {name: rounds for name in engines}, {name: 1 for name in engines})
+    rows = {name: summarize("b", batch, seconds) for name, seconds in times.items()}
+    medians = {name: row["median_ms"] for name, row in rows.items()}
+    ratios = {"layer_grads / forward": medians["layer_grads"] / medians["forward"],
+              "loop / layer_grads": medians["loop"] / medians["layer_grads"],
+              "vmap / layer_grads": medians["vmap"] / medians["layer_grads"]}
+    return {"batch": batch, "threads": threads, "rounds": rounds, "parameters": len(probe.manifest["layer_grads"]["names"]),
+            "forms": {f: probe.manifest["layer_grads"]["forms"].count(f) for f in ("closed", "gram", "tap")},
+            "median_ms": medians, "p90_ms": {n: r["p90_ms"] for n, r in rows.items()}, "ratios": ratios,
+            "max_error_vs_vmap": agreement,
+            "targets": [{"ratio": key, "bound": f"{op} {bound}", "value": ratios[key],
+                         "holds": ratios[key] <= bound if op == "<=" else ratios[key] >= bound if op == ">=" else ratios[key] > bound}
+                        for key, op, bound in TARGETS]}
+
+
+def _memory_child(engine: str, bundle: str, batch: int) -> None:
+    """Runs in a subprocess: print the growth of peak RSS (MiB) caused by one call of ``engine``."""
+    torch.set_num_threads(2)
+    images = np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32)
+    if engine == "probe":
+        probe = gradprobe.load(bundle, threads=2, max_batch=batch)
+        probe.run(images[:2])
+        call = lambda: probe.run(images)  # noqa: E731
+    else:
+        model = gradprobe.models.load_checkpoint(Path(bundle) / "model.safetensors")
+        vmap_norms, _ = torch_engines(model, ((0.0,), (1.0,)))
+        vmap_norms(images[:2])
+        call = lambda: vmap_norms(images)  # noqa: E731
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    call()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"engine": engine, "peak_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
+
+
+def measure_memory(bundle: Path, batch: int) -> dict:
+    result = {}
+    for engine in ("probe", "vmap"):
+        done = subprocess.run([sys.executable, __file__, "--memory-child", engine, str(bundle), str(batch)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            result[engine] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"}
+        else:
+            result[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def table(latency: dict, memory: dict | None, model_name: str) -> str:
+    lines = [f"## {model_name}: per-sample norms of all {latency['parameters']} parameter tensors, batch "
+             f"{latency['batch']}, {latency['threads']} threads, {latency['rounds']} interleaved rounds",
+             f"forms: {latency['forms']}; probe graph vs vmap(grad): max error {latency['max_error_vs_vmap']:.1e}", "",
+             "| engine | median ms | p90 ms |", "|---|---|---|"]
+    for name, ms in latency["median_ms"].items():
+        lines.append(f"| {name} | {ms:.1f} | {latency['p90_ms'][name]:.1f} |")
+    lines += ["", "| ratio | measured | target | holds |", "|---|---|---|---|"]
+    for target in latency["targets"]:
+        lines.append(f"| {target['ratio']} | {target['value']:.2f} | {target['bound']} | "
+                     f"{'yes' if target['holds'] else 'NO'} |")
+    if memory:
+        lines += ["", f"Peak memory, ResNet-18 CIFAR layout (3x32x32), batch {memory['batch']} "
+                      "(growth of the process's peak RSS during one call):", "", "| engine | peak growth MiB |",
+                  "|---|---|"]
+        for engine in ("probe", "vmap"):
+            entry = memory[engine]
+            value = f"{entry['peak_growth_mib']:.0f}" if "peak_growth_mib" in entry else entry["error"]
+            lines.append(f"| {'probe graph + kernels' if engine == 'probe' else 'torch.func vmap(grad)'} | {value} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-batch", type=int, default=256)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", nargs=3, metavar=("ENGINE", "BUNDLE", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
+        return 0
+    fmnist = gradprobe.data.fashion_mnist("test")[0][:8]
+    report, sections = {}, []
+    with tempfile.TemporaryDirectory() as folder:
+        model = gradprobe.models.load_pretrained("resnet-fmnist")
+        bundle = gradprobe.export(model, fmnist, Path(folder) / "shipped" / "bundle", layer_grads=True)
+        report["shipped_resnet"] = measure_latency(model, bundle, args.batch, args.rounds, args.threads)
+        sections.append(table(report["shipped_resnet"], None, "Shipped ResNet (quarter-width ResNet-18, 1x28x28)"))
+        print(sections[-1], flush=True)
+        torch.manual_seed(0)
+        big = gradprobe.models.build_model("resnet18", in_channels=3).eval()
+        big_bundle = gradprobe.export(big, np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32),
+                                      Path(folder) / "resnet18" / "bundle", layer_grads=True)
+        report["resnet18_cifar"] = measure_latency(big, big_bundle, args.batch, max(2, args.rounds // 2), args.threads)
+        memory = None
+        if not args.skip_memory:
+            memory = {"batch": args.memory_batch, **measure_memory(big_bundle, args.memory_batch)}
+            report["memory"] = memory
+        sections.append(table(report["resnet18_cifar"], memory, "ResNet-18 CIFAR layout (3x32x32, random weights)"))
+        print(sections[-1], flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    atomic_write_text(RESULTS / "layer_grads.json", json.dumps(report, indent=2))
+    atomic_write_text(RESULTS / "layer_grads.md", "# Per-layer gradient norms, CPU\n\n" + "\n\n".join(sections) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
