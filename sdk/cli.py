@@ -29,7 +29,8 @@ def _export(args):
     shape = [int(v) for v in args.input_shape.split(",")]
     example = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
     class_names = args.class_names.split(",") if args.class_names else None
-    path = gradprobe.export(model, example, args.out, target_layer=args.target_layer, class_names=class_names)
+    path = gradprobe.export(model, example, args.out, target_layer=args.target_layer, class_names=class_names,
+                            layer_grads=args.layer_grads, confounding=args.confounding)
     _print_info(path)
 
 
@@ -52,6 +53,11 @@ def _print_info(path):
     if verified:
         print(f"export     max |ORT - torch| / max|torch| = {max(verified.values()):.1e}; "
               f"TensorRT parser problems: {manifest['export']['tensorrt_problems'] or 'none'}")
+    if manifest.get("layer_grads"):
+        forms = manifest["layer_grads"]["forms"]
+        print(f"layer grads {len(forms)} parameter tensors, {manifest['layer_grads']['confounding']} confounding "
+              f"loss; closed form {forms.count('closed')}, Gram in graph {forms.count('gram')}, "
+              f"direct in kernels {forms.count('tap')}")
     print(f"scores     {manifest['score_orientation']}")
 
 
@@ -86,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target-layer", default=None, help="module name (default: last conv stage)")
     export.add_argument("--class-names", default=None, help="comma-separated, one per class")
     export.add_argument("--input-shape", default="1,28,28", help="C,H,W of one image (default 1,28,28)")
+    export.add_argument("--layer-grads", action="store_true",
+                        help="also output layer_grad_sqnorm: every parameter tensor's per-sample gradient norm")
+    export.add_argument("--confounding", choices=("bce", "softmax"), default="bce",
+                        help="loss of the all-ones confounding label for --layer-grads (default bce)")
     export.set_defaults(handler=_export)
 
     info = commands.add_parser("info", help="describe a bundle")

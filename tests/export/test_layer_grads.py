@@ -163,3 +163,13 @@ def test_unsupported_layer_in_body_is_named(tmp_path):
     gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "maps_only")  # GELU is before the target: fine
     with pytest.raises(ExportError, match=r"'act' \(GELU\)"):
         gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "deep", layer_grads=True)
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_deep_graph_uses_only_tensorrt_ops(name, deep_exported):
+    import onnx
+
+    from gradprobe.export.tensorrt_ops import tensorrt_incompatibilities
+
+    _, probe = deep_exported(name)
+    assert tensorrt_incompatibilities(onnx.load(str(probe.path / "probe.onnx"))) == []
