@@ -28,9 +28,9 @@ demo: setup peers
 	$(VENV)/bin/gradprobe demo
 
 test: setup
-	$(PY) -m pytest -m "not slow and not gpu and not trt"
+	$(PY) -m pytest -m "not slow and not gpu and not trt and not peers"
 
-test-all: setup
+test-all: setup peers
 	$(PY) -m pytest
 
 clean:

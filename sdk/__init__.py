@@ -12,7 +12,8 @@ from .errors import (BackendUnavailableError, BundleError, DataError, ExportErro
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "bench", "cli"}
+_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "bench", "cli", "detect", "ood_data",
+                 "evaluate", "explain"}
 _LAZY_ATTRIBUTES = {"load": ("probe", "load"), "Probe": ("probe", "Probe"),
                     "ProbeResult": ("results", "ProbeResult")}
 

@@ -67,3 +67,30 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def update_manifest(bundle: str | os.PathLike, key: str, section, new_files: dict | None = None,
+                    remove: tuple = ()) -> dict:
+    """Set ``manifest[key] = section`` and add ``new_files`` {name: bytes}, atomically, in a readable order.
+
+    New files are written first (under names the manifest does not yet list), then the manifest is
+    replaced by an atomic rename, then the files in ``remove`` are deleted: a crash at any point leaves
+    a bundle whose manifest matches its files (at worst with a stray unlisted file).
+    """
+    from .fileio import atomic_write_bytes, atomic_write_text
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    for name, data in (new_files or {}).items():
+        if name in manifest["files"]:
+            raise BundleError(f"{bundle} already lists {name}; new files need fresh names")
+        atomic_write_bytes(bundle / name, data)
+        manifest["files"][name] = file_record(bundle / name)
+    for name in remove:
+        manifest["files"].pop(name, None)
+    manifest[key] = section
+    atomic_write_text(bundle / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    for name in remove:
+        if name not in manifest["files"] and (bundle / name).exists():
+            (bundle / name).unlink()
+    return manifest

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(commands)
 
+    from gradprobe.evaluate import add_detect_commands
+
+    add_detect_commands(commands)
+
     demo = commands.add_parser("demo", help="export, run, explain and time the shipped model")
     demo.add_argument("--out", default="gradprobe-demo", help="folder for the bundle and pictures")
     demo.add_argument("--threads", type=int, default=2)
