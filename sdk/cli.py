@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_command(commands)
 
+    from gradprobe.explain import add_explain_command
+
+    add_explain_command(commands)
+
     from gradprobe.evaluate import add_detect_commands
 
     add_detect_commands(commands)
