@@ -94,8 +94,8 @@ def _module_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torc
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_var is not None:
         return _batchnorm_backward(module, x, grad)
     if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-        height, width = x.shape[2], x.shape[3]
-        return grad.expand(-1, -1, height, width) / float(height * width)
+        # left broadcastable [B, K, 1, 1]: ``backprop`` expands it only where a rule needs the full map
+        return grad / float(x.shape[2] * x.shape[3])
     return None
 
 
@@ -132,9 +132,13 @@ def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor
 
 
 def backprop(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor, nodes: list[fx.Node],
-             keep=()) -> dict:
-    """Gradients of every node in ``keep`` (and the first of ``nodes``' inputs) for per-sample logit
-    cotangents ``grad_logits``, running the rules over ``nodes`` (execution order) in reverse."""
+             keep=(), broadcastable=()) -> dict:
+    """Gradients of every node in ``keep`` for per-sample logit cotangents ``grad_logits``, running the
+    rules over ``nodes`` (execution order) in reverse.
+
+    Nodes in ``broadcastable`` may receive a gradient that only broadcasts to their shape (the spatial
+    mean is all Grad-CAM reads; expanding a [B, K, 1, 1] pooling gradient cost 1 ms of a 19 ms call).
+    """
     needed = set(nodes) | set(keep)
     grads = {graph.logits: grad_logits}
     kept = {}
@@ -143,8 +147,12 @@ def backprop(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor, nodes: lis
         if node in keep:
             kept[node] = grad
         for input_node, input_grad in _input_grads(graph, node, env, grad, needed):
-            if input_node in needed:
-                grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
+            if input_node not in needed:
+                continue
+            shape = tuple(env[input_node].shape[1:])
+            if input_node not in broadcastable and tuple(input_grad.shape[1:]) != shape:
+                input_grad = input_grad.expand((-1,) + shape)
+            grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
     kept.update({node: grad for node, grad in grads.items() if node in keep})
     return kept
 
@@ -156,4 +164,5 @@ def check_head(graph: ProbeGraph, env: dict) -> None:
 
 def backprop_to_target(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor) -> torch.Tensor:
     """Per-sample gradient of the target activation for per-sample logit cotangents ``grad_logits``."""
-    return backprop(graph, env, grad_logits, graph.head_nodes(), keep={graph.target})[graph.target]
+    return backprop(graph, env, grad_logits, graph.head_nodes(), keep={graph.target},
+                    broadcastable={graph.target})[graph.target]
