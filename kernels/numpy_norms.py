@@ -1,6 +1,9 @@
 """Per-sample squared norms of conv/linear weight gradients in numpy: the CPU path and the test oracle."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
@@ -25,30 +28,40 @@ def _grouped_grads(g: np.ndarray, groups: int) -> np.ndarray:
 
 
 def conv_weight_sqnorm(x: np.ndarray, g: np.ndarray, spec: ConvSpec, form: str = "auto",
-                       chunk: int = 16) -> np.ndarray:
+                       chunk: int = 16, workers: int | None = None) -> np.ndarray:
     """||dL_b/dW||^2 for every sample b, from the layer input x [B,C,H,W] and output gradient g [B,O,Ho,Wo].
 
     Works through ``chunk`` samples at a time, so at most ``chunk`` per-sample gradients (direct) or
-    Gram matrices exist at once. Products in the inputs' dtype, sums of squares in float64. BLAS runs
-    single-threaded: these are many small products, where thread hand-offs cost more than they give
-    (measured here: 8 products of 16x784x144 took 0.4 ms on one thread, 127 ms on two busy cores).
+    Gram matrices exist per worker. Products in the inputs' dtype, sums of squares in float64.
+    Chunks run on ``workers`` threads (default: the CPU count) with single-threaded BLAS: these are
+    many small products, where BLAS's own thread hand-offs cost more than they give (measured here:
+    8 products of 16x784x144 took 0.4 ms on one thread, 127 ms with two BLAS threads on busy cores).
     """
     if form == "auto":
         form = choose_form(spec, g.shape[2] * g.shape[3])
     if form not in ("direct", "gram"):
         raise ValueError(f"form must be 'direct', 'gram' or 'auto', got {form!r}")
     out = np.empty(len(x), dtype=np.float64)
+
+    def one_chunk(start: int) -> None:
+        patches = unfold(x[start:start + chunk], spec)
+        grads = _grouped_grads(g[start:start + chunk], spec.groups)
+        if form == "direct":
+            per_sample = grads @ patches.transpose(0, 1, 3, 2)          # [b, G, out/G, patch]
+            out[start:start + chunk] = np.square(per_sample, dtype=np.float64).sum(axis=(1, 2, 3))
+        else:
+            gram_a = patches.transpose(0, 1, 3, 2) @ patches             # [b, G, T, T]
+            gram_g = grads.transpose(0, 1, 3, 2) @ grads
+            out[start:start + chunk] = np.multiply(gram_a, gram_g, dtype=np.float64).sum(axis=(1, 2, 3))
+
+    starts = range(0, len(x), chunk)
     with threadpool_limits(1, user_api="blas"):
-        for start in range(0, len(x), chunk):
-            patches = unfold(x[start:start + chunk], spec)
-            grads = _grouped_grads(g[start:start + chunk], spec.groups)
-            if form == "direct":
-                per_sample = grads @ patches.transpose(0, 1, 3, 2)      # [b, G, out/G, patch]
-                out[start:start + chunk] = np.square(per_sample, dtype=np.float64).sum(axis=(1, 2, 3))
-            else:
-                gram_a = patches.transpose(0, 1, 3, 2) @ patches         # [b, G, T, T]
-                gram_g = grads.transpose(0, 1, 3, 2) @ grads
-                out[start:start + chunk] = np.multiply(gram_a, gram_g, dtype=np.float64).sum(axis=(1, 2, 3))
+        if len(starts) == 1 or (workers or os.cpu_count() or 1) == 1:
+            for start in starts:
+                one_chunk(start)
+        else:
+            with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+                list(pool.map(one_chunk, starts))
     return out
 
 
