@@ -15,7 +15,7 @@ def run_demo(out: str = "gradprobe-demo", *, bench: bool = True, threads: int = 
     """Returns what it printed as numbers: accuracy, bundle path, picture path, latency result."""
     import gradprobe
     from gradprobe.models import load_pretrained
-    from gradprobe.viz import explanation_grid
+    from gradprobe.viz import explanation_figure
 
     out = Path(out)
     images, labels = gradprobe.data.fashion_mnist("test")
@@ -55,8 +55,8 @@ def run_demo(out: str = "gradprobe-demo", *, bench: bool = True, threads: int = 
 
     _rule("4. explanations: why P? why P rather than Q? what if not P?")
     subset = np.array(picks)
-    picture = explanation_grid(images[subset], probe.run(images[subset]), out / "explanations.png",
-                               labels=labels[subset], title="gradprobe on the shipped ResNet (Fashion-MNIST test)")
+    picture = explanation_figure(images[subset], probe.explain(images[subset]), out / "explanations.png",
+                                 labels=labels[subset], title="gradprobe on the shipped ResNet (Fashion-MNIST test)")
     print(f"wrote {picture}")
 
     latency = None

@@ -48,47 +48,6 @@ def _pyplot():
     return plt
 
 
-def explanation_grid(images: np.ndarray, result, path: str | os.PathLike, *, labels=None, title: str | None = None,
-                     alpha: float = 0.5) -> Path:
-    """Write a PNG: one row per image - input, Grad-CAM, contrastive and counterfactual overlays.
-
-    ``result`` is a ProbeResult for ``images``; ``labels`` (optional) marks wrong predictions in red.
-    """
-    plt = _pyplot()
-    size = images.shape[2:]
-    maps = {kind: normalize_maps(upsample(getattr(result, kind), size))
-            for kind in ("cam", "contrastive_cam", "counterfactual_cam")}
-    names = result.class_names
-    count = len(images)
-    figure, axes = plt.subplots(count, 4, figsize=(8.4, 2.25 * count + (0.5 if title else 0)), squeeze=False)
-    for row in range(count):
-        gray = images[row].mean(axis=0)
-        pred, q = names[result.pred[row]], names[result.contrast_class[row]]
-        confidence = result.probs[row, result.pred[row]]
-        wrong = labels is not None and labels[row] != result.pred[row]
-        heading = f"{pred} ({confidence:.2f})" + (f"\ntrue: {names[labels[row]]}" if labels is not None else "")
-        panels = [(None, heading), ("cam", f"why {pred}?"), ("contrastive_cam", f"why {pred},\nrather than {q}?"),
-                  ("counterfactual_cam", f"what if not {pred}?")]
-        for column, (kind, text) in enumerate(panels):
-            axis = axes[row, column]
-            if kind is not None and not getattr(result, kind)[row].any():
-                text += "\n(empty: no evidence)"
-            axis.imshow(gray, cmap="gray", vmin=0, vmax=1)
-            if kind is not None:
-                axis.imshow(maps[kind][row], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-            axis.set_title(text, fontsize=8.5, color="crimson" if wrong and kind is None else "black")
-            axis.set_xticks([])
-            axis.set_yticks([])
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / figure.get_figheight()) if title else None)
-    path = Path(path)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
-    return path
-
-
 def _probability(value: float) -> str:
     """0.97, or 3e-04 for small ones: a contrast class's probability is often far below 0.01."""
     return f"{value:.2f}" if value >= 0.01 else f"{value:.0e}"

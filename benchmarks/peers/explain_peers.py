@@ -24,22 +24,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-
-def _setup(spec):
-    import torch
-
-    from gradprobe.models import load_checkpoint
-
-    torch.set_num_threads(int(spec.get("threads", 2)))
-    model = load_checkpoint(spec["checkpoint"]).eval()
-    layer = model.get_submodule(spec["target_layer"])
-    normalize = spec.get("normalize")
-    if normalize:
-        mean = torch.tensor(normalize["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(normalize["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    else:
-        mean, std = torch.zeros(1), torch.ones(1)
-    return model, layer, mean, std
+from peer_model import load_model  # beside this script
 
 
 class Engines:
@@ -102,7 +87,7 @@ def maps(spec) -> dict:
     import numpy as np
     import torch
 
-    model, layer, mean, std = _setup(spec)
+    model, layer, mean, std = load_model(spec)
     images = torch.from_numpy(np.load(spec["images"]).astype(np.float32))
     contrast = np.load(spec["contrast"]) if spec.get("contrast") else None
     engines = Engines(model, layer)
@@ -125,7 +110,7 @@ def timing(spec) -> dict:
     import numpy as np
     import torch
 
-    model, layer, mean, std = _setup(spec)
+    model, layer, mean, std = load_model(spec)
     engines = Engines(model, layer)
     calls = {"gradcam.cam": lambda x: engines.gradcam_maps(x, ("cam",)),
              "gradcam.all3": lambda x: engines.gradcam_maps(x, ALL),

@@ -30,17 +30,9 @@ def main(spec_path: str) -> int:
     import torch
     from pytorch_grad_cam import GradCAM
 
-    from gradprobe.models import load_checkpoint
+    from peer_model import load_model  # beside this script
 
-    torch.set_num_threads(int(spec["threads"]))
-    model = load_checkpoint(spec["checkpoint"]).eval()
-    layer = model.get_submodule(spec["target_layer"])
-    normalize = spec.get("normalize")
-    if normalize:
-        mean = torch.tensor(normalize["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(normalize["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    else:
-        mean, std = torch.zeros(1), torch.ones(1)
+    model, layer, mean, std = load_model(spec)
 
     results = {}
     shapes = {}
