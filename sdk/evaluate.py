@@ -11,7 +11,6 @@ max_t ½(TPR + TNR), AUROC, AUPR-in (in-distribution positive), AUPR-out, FPR of
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -47,20 +46,18 @@ def metrics(in_scores, out_scores) -> dict:
 
 
 def default_bundle(layer_grads: bool = True) -> Path:
-    """The shipped model exported once into the cache (with per-layer gradients when asked and offered).
+    """The shipped model exported once per gradprobe version into the cache (with per-layer gradients if asked).
 
-    Per-layer gradients cost: on 2 busy CPU cores the probe graph took ~2 ms per image without them and
-    ~100-190 ms with them (ONNX Runtime, batch 256).
+    Per-layer gradients cost: the probe graph takes ~0.25 ms per image without them and ~3 ms with them
+    (ONNX Runtime + norm kernels, batch 64, 2 quiet cores; benchmarks/results/layer_grads.md).
     """
     import gradprobe
-    from gradprobe.export.bundle import export_bundle
 
-    layer_grads = layer_grads and "layer_grads" in inspect.signature(export_bundle).parameters
-    path = od.cache_dir() / "bundles" / ("resnet-fmnist-layers" if layer_grads else "resnet-fmnist")
+    name = f"resnet-fmnist{'-layers' if layer_grads else ''}-{gradprobe.__version__}"
+    path = od.cache_dir() / "bundles" / name
     if not (path / "manifest.json").exists():
         model = gradprobe.models.load_pretrained("resnet-fmnist")
-        options = {"layer_grads": True} if layer_grads else {}
-        export_bundle(model, od.fmnist_part("fit", 4)[0], path, **options)
+        gradprobe.export(model, od.fmnist_part("fit", 4)[0], path, layer_grads=layer_grads)
     return path
 
 
