@@ -14,9 +14,10 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout
 
 
 def peers_python() -> Path | None:
-    """$GRADPROBE_PEERS_PYTHON, else .venv-peers/bin/python; None when missing (the caller says so)."""
-    path = Path(os.environ.get("GRADPROBE_PEERS_PYTHON", ROOT / ".venv-peers" / "bin" / "python"))
-    return path if path.exists() else None
+    """The peers venv's python ($GRADPROBE_PEERS_PYTHON or the checkout's .venv-peers); None when missing."""
+    from gradprobe.bench import find_peers_python
+
+    return find_peers_python(root=ROOT)[0]
 
 
 def peer_spec(bundle, threads: int = 2) -> dict:

@@ -21,6 +21,7 @@ from torch import fx, nn
 from gradprobe.errors import ExportError
 from gradprobe.kernels import ConvSpec, choose_form
 
+from .backward import _pair
 from .graph import ProbeGraph
 
 CONFOUNDING_LOSSES = ("bce", "softmax")
@@ -38,9 +39,8 @@ class ParameterNorm:
 
 
 def _spec(conv: nn.Conv2d) -> ConvSpec:
-    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-    return ConvSpec(conv.in_channels, conv.out_channels, pair(conv.kernel_size), pair(conv.stride),
-                    pair(conv.padding), pair(conv.dilation), conv.groups)
+    return ConvSpec(conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride),
+                    _pair(conv.padding), _pair(conv.dilation), conv.groups)
 
 
 def plan(model: nn.Module, graph: ProbeGraph) -> list[ParameterNorm]:

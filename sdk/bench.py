@@ -243,8 +243,9 @@ def compose(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 # ----------------------------------------------------------------------------------------- peers (d)
-def find_peers_python(peers_python=None) -> tuple[Path | None, str]:
-    """``(python, where)``: ``peers_python`` if given, else $GRADPROBE_PEERS_PYTHON, else ./.venv-peers/bin/python.
+def find_peers_python(peers_python=None, root=None) -> tuple[Path | None, str]:
+    """``(python, where)``: ``peers_python`` if given, else $GRADPROBE_PEERS_PYTHON, else
+    ROOT/.venv-peers/bin/python with ``root`` defaulting to the current folder.
 
     An explicit path or environment value that does not exist gives ``(None, why)``; no silent fallback.
     """
@@ -254,10 +255,11 @@ def find_peers_python(peers_python=None) -> tuple[Path | None, str]:
     if os.environ.get(PEERS_ENV):
         path = Path(os.environ[PEERS_ENV])
         return (path, PEERS_ENV) if path.exists() else (None, f"${PEERS_ENV}={path} does not exist")
-    path = Path.cwd() / ".venv-peers" / "bin" / "python"
+    root = Path(root) if root is not None else Path.cwd()
+    path = root / ".venv-peers" / "bin" / "python"
     if path.exists():
         return path, ".venv-peers"
-    return None, f"peers venv .venv-peers not found in {Path.cwd()} — run `make peers`"
+    return None, f"peers venv .venv-peers not found in {root} — run `make peers`"
 
 
 def find_peers_script() -> Path | None:

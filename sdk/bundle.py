@@ -66,7 +66,10 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    """Write manifest.json atomically: readers see the old manifest or the new one, never half of it."""
+    from .fileio import atomic_write_text
+
+    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def update_manifest(bundle: str | os.PathLike, key: str, section, new_files: dict | None = None,
@@ -77,7 +80,7 @@ def update_manifest(bundle: str | os.PathLike, key: str, section, new_files: dic
     replaced by an atomic rename, then the files in ``remove`` are deleted: a crash at any point leaves
     a bundle whose manifest matches its files (at worst with a stray unlisted file).
     """
-    from .fileio import atomic_write_bytes, atomic_write_text
+    from .fileio import atomic_write_bytes
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -89,7 +92,7 @@ def update_manifest(bundle: str | os.PathLike, key: str, section, new_files: dic
     for name in remove:
         manifest["files"].pop(name, None)
     manifest[key] = section
-    atomic_write_text(bundle / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_manifest(bundle, manifest)
     for name in remove:
         if name not in manifest["files"] and (bundle / name).exists():
             (bundle / name).unlink()

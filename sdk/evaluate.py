@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -62,8 +61,10 @@ def default_bundle(layer_grads: bool = True) -> Path:
 
 
 def peers_python() -> Path | None:
-    path = Path(os.environ.get("GRADPROBE_PEERS_PYTHON", ROOT / ".venv-peers" / "bin" / "python"))
-    return path if path.exists() else None
+    """The peers venv's python ($GRADPROBE_PEERS_PYTHON or the checkout's .venv-peers); None when missing."""
+    from gradprobe.bench import find_peers_python
+
+    return find_peers_python(root=ROOT)[0]
 
 
 def peer_scores(bundle: Path, sets: dict, fit: tuple) -> dict:
