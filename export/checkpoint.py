@@ -8,25 +8,27 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
-from gradprobe.errors import BundleError
-from gradprobe.fileio import atomic_path
+from gradprobe.base.errors import BundleError
+from gradprobe.base.fileio import atomic_write_bytes
 
 from .models import build_model
 
 PRETRAINED = {"resnet-fmnist": "resnet-fmnist.safetensors"}  # files under gradprobe/pretrained/
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata) -> Path:
-    """Write ``model``'s state dict and config atomically; ``metadata`` values are stored as JSON."""
-    path = Path(path)
+def checkpoint_bytes(model: torch.nn.Module, **metadata) -> bytes:
+    """``model``'s state dict and config as safetensors bytes; ``metadata`` values are stored as JSON."""
     header = {"config": json.dumps(model.config)}
     header.update({key: json.dumps(value) for key, value in metadata.items()})
     tensors = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=header)
-    return path
+    return save(tensors, metadata=header)
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata) -> Path:
+    """Write ``model``'s checkpoint atomically (see ``checkpoint_bytes``)."""
+    return atomic_write_bytes(path, checkpoint_bytes(model, **metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -22,7 +22,7 @@ class NotFittedError(GradprobeError):
 
 
 class BundleError(GradprobeError):
-    """A bundle directory is missing, incomplete, corrupt, foreign or from a newer schema."""
+    """A bundle directory is missing, incomplete, corrupt, foreign, locked or from another schema."""
 
 
 class DataError(GradprobeError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError
+from gradprobe.base.errors import DataError, InputError
 
 SIZE = 28
 #: OOD sources: name -> what it is.
@@ -46,7 +46,7 @@ def _cached(name: str, make) -> np.ndarray:
             pass  # a damaged cache entry is remade
     images = np.clip(make(), 0.0, 1.0).astype(np.float32)
     quantised = np.round(images[:, 0] * 255).astype(np.uint8)
-    from .fileio import atomic_path
+    from gradprobe.base.fileio import atomic_path
 
     try:
         with atomic_path(path) as temporary:
@@ -65,7 +65,7 @@ def _split(n_total: int, split: str, fit_size: int) -> slice:
 
 def fmnist_part(part: str, n: int | None = None):
     """Disjoint parts of the Fashion-MNIST test split: ``(images, labels)`` for 'fit' or 'eval'."""
-    from .data import fashion_mnist
+    from .fashion_mnist import fashion_mnist
 
     if part not in FMNIST_PARTS:
         raise InputError(f"part must be one of {sorted(FMNIST_PARTS)}, got {part!r}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, InputError
+from gradprobe.base.errors import DataError, InputError
 
 FASHION_MNIST_DIR = Path(os.environ.get("GRADPROBE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
