@@ -86,7 +86,7 @@ def contrast_matrix(contrast, batch: int, class_names: Sequence[str]) -> tuple[n
     """
     if contrast is None:
         return np.full((batch, 1), RUNNER_UP, dtype=np.int64), False
-    if isinstance(contrast, (str, int, np.integer, bool, np.bool_)) or (
+    if isinstance(contrast, (str, int, float, np.generic)) or (
             isinstance(contrast, np.ndarray) and contrast.ndim == 0):
         value = contrast.item() if isinstance(contrast, np.ndarray) else contrast
         return np.full((batch, 1), class_index(value, class_names, "contrast class"), dtype=np.int64), False

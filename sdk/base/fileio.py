@@ -183,10 +183,11 @@ def read_confined(directory: str | os.PathLike, name: str, *, max_bytes: int,
     except OSError as error:
         reason = "is a symbolic link, which bundles may not hold" if error.errno == errno.ELOOP else error.strerror
         raise BundleError(f"{directory / name} cannot be read: {reason}") from error
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BundleError(f"{directory / name} is not a regular file (a folder, device, FIFO or socket)")
     with os.fdopen(fd, "rb", closefd=True) as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"{directory / name} is not a regular file (a folder, device, FIFO or socket)")
         if info.st_size > max_bytes:
             raise BundleError(f"{directory / name} has {info.st_size} bytes, more than the {max_bytes} allowed")
         if expected_bytes is not None and info.st_size != expected_bytes:

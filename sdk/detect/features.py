@@ -27,6 +27,9 @@ def gradient_features(result, source: str = "layer_grad_sqnorm") -> np.ndarray:
     """
     if source in SOURCES:
         source = feature_source(source, result.outputs)
+    if source not in result.outputs:
+        raise InputError(f"features come from {sorted(SOURCES)} or an output with gradient norms; "
+                         f"{source!r} is neither (outputs: {list(result.outputs)})")
     return np.log(np.asarray(result[source], dtype=np.float64) + EPS)
 
 

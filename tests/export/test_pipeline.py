@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import gradprobe
-from gradprobe.errors import ExportError, InputError
+from gradprobe import ExportError, InputError
 from gradprobe.export.parity import RELATIVE, parity_errors
 from gradprobe.export.reference import ResearchReference
 
-from ..conftest import make_model
+from ..reference_models import make_model
 
 
 @pytest.mark.parametrize("name, target, map_size", [
@@ -22,12 +22,12 @@ def test_earlier_target_layer_matches_autograd(name, target, map_size, fmnist_te
     model = make_model(name)
     bundle = gradprobe.export(model, fmnist_test[0][:2], tmp_path / "b", target_layer=target)
     probe = gradprobe.load(bundle)
-    assert probe.manifest["target_layer"]["name"] == target
+    assert probe.manifest.classifier.target_layer == target
     images = np.concatenate([fmnist_test[0][:6], np.zeros((1, 1, 28, 28), np.float32)])  # zeros: max-pool ties
     ours = probe.run(images, contrast=3)
     assert ours.cam.shape == (7, map_size, map_size)
     reference = ResearchReference.for_bundle(model, probe.manifest).run(images, np.full(7, 3))
-    errors = parity_errors(vars(ours), reference)
+    errors = parity_errors(ours.as_dict(), reference)
     assert max(errors.values()) <= RELATIVE, errors
 
 

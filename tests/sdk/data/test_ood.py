@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradprobe import DataError, InputError
-from gradprobe import ood_data as od
+from gradprobe.data import ood as od
 
 
 @pytest.fixture(autouse=True)

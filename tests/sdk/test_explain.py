@@ -11,8 +11,8 @@ from gradprobe.explain import Explanation, add_explain_command, read_input
 
 
 @pytest.fixture(scope="module")
-def probe(exported):
-    return gradprobe.load(exported("pretrained")[1])
+def probe(bundles):
+    return gradprobe.load(bundles["plain"])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,9 @@ def test_shapes_ranges_and_one_call(probe, images, monkeypatch):
     calls = _counting(probe, monkeypatch)
     explanation = probe.explain(images)
     assert isinstance(explanation, Explanation) and len(explanation) == 6 and not explanation.several
-    for kind in ("cam", "contrastive_cam", "counterfactual_cam"):
+    assert list(explanation.maps) == list(probe.map_names) == ["cam", "contrastive_cam", "counterfactual_cam",
+                                                                 "gradcam_pp"]
+    for kind in explanation.maps:
         maps = getattr(explanation, kind)
         assert maps.shape == (6, 28, 28) and maps.dtype == np.float32
         assert maps.min() >= 0 and maps.max() <= 1
@@ -70,9 +72,10 @@ def test_one_class_for_all_by_index_or_name(probe, images):
 
 
 @pytest.mark.parametrize("contrast, message", [
-    (10, "out of range"), (-2, "out of range"), ("Cat", "unknown class name"), (2.5, "integer"),
+    (10, "out of range"), (-2, "out of range"), ("Cat", "unknown contrast class name"), (2.5, "index or name"),
     ([1, 2], "one per image"), ([[1, 2], [3]] + [[0, 1]] * 4, "same length"), ([[1]] * 5, "6 rows"),
-    ([[1, 2.5]] * 6, "indices or names"), ([[1, 11]] * 6, "out of range"), ([[True]] * 6, "indices or names"),
+    ([[1, 2.5]] * 6, "index or name"), ([[1, 11]] * 6, "out of range"), ([[True]] * 6, "index or name"),
+    (np.uint64(2**64 - 1), "out of range"), ([[2**63, 1]] * 6, "out of range"),
 ])
 def test_bad_contrast_raises_input_error(probe, images, contrast, message):
     with pytest.raises(gradprobe.InputError, match=message):

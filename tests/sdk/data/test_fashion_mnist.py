@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gradprobe.data import fashion_mnist
-from gradprobe.errors import DataError, InputError
+from gradprobe import DataError, InputError
 
 
 def test_fashion_mnist_real_files(fmnist_test):

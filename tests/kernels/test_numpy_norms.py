@@ -60,7 +60,7 @@ def test_unknown_form():
 def test_nvrtc_compiles_the_cuda_kernels():
     """Runs wherever cuda-python and nvidia-cuda-nvrtc are installed; no GPU needed."""
     pytest.importorskip("cuda.bindings", reason="cuda-python not installed (pip install 'gradprobe[kernels]')")
-    from gradprobe.errors import BackendUnavailableError
+    from gradprobe import BackendUnavailableError
     from gradprobe.kernels.cuda_norms import KERNELS, compile_ptx
 
     try:
@@ -70,3 +70,24 @@ def test_nvrtc_compiles_the_cuda_kernels():
     assert ".target sm_90" in ptx
     for name in KERNELS:
         assert f".entry {name}(" in ptx
+
+
+def test_blas_thread_limit_does_not_leak_between_threads():
+    """Many threads computing norms at once leave the process's BLAS thread count as they found it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas")
+
+    before = blas_threads()
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 8, 12, 12)).astype(np.float32)
+    spec = ConvSpec(8, 8, (3, 3), (1, 1), (1, 1))
+    g = rng.random((32, 8, 12, 12)).astype(np.float32)
+    expected = conv_weight_sqnorm(x, g, spec, "direct")
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: conv_weight_sqnorm(x, g, spec, "direct", chunk=4), range(64)))
+    assert all(np.array_equal(r, expected) for r in results)
+    assert blas_threads() == before
