@@ -49,9 +49,12 @@ class ProbeEngine:
         for start in range(0, len(images), self.max_batch):
             part = {"images": images[start:start + self.max_batch],
                     **{name: value[start:start + self.max_batch] for name, value in feeds.items()}}
-            chunks.append(self._complete(self.backend.infer(part)))
+            chunks.append(self.backend.finish(self._complete(self.backend.infer(part))))
         if len(chunks) == 1:
             return chunks[0]
+        if any(not isinstance(value, np.ndarray) for value in chunks[0].values()):
+            raise InputError(f"device outputs come one chunk at a time: pass at most {self.max_batch} images per "
+                             "call, or ask the backend for host outputs")
         return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
     def _complete(self, outputs: dict) -> dict:

@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gradprobe.data import OOD_SETS
     from gradprobe.detect import DETECTORS
     from gradprobe.explain import add_explain_command
+    from gradprobe.export.tensorrt_build import add_build_command
 
     add_explain_command(commands)
+    add_build_command(commands)
 
     calibrate = commands.add_parser("calibrate", help="fit an OOD detector and store it in the bundle")
     calibrate.add_argument("bundle")

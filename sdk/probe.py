@@ -41,8 +41,8 @@ class Probe:
         self.path, self.manifest = opened.path, opened.manifest
         if self.manifest.kind != "classifier":
             raise BundleError(f"{self.path} is a {self.manifest.kind!r} bundle; open it with gradprobe.load")
-        self.engine = ProbeEngine(create_backend(backend, files[self.manifest.graph], **backend_options),
-                                  self.manifest, max_batch=max_batch)
+        self.engine = ProbeEngine(create_backend(backend, files[self.manifest.graph], bundle=opened,
+                                                 **backend_options), self.manifest, max_batch=max_batch)
         self._detector = self._read_detector(files)
 
     def _read_detector(self, files: dict):

@@ -298,6 +298,67 @@ class Tap:
         return {"column": self.column, "input": self.input, "grad": self.grad, "conv": self.conv.to_json()}
 
 
+PRECISIONS = ("fp32", "fp16")
+MAX_ENGINE_BATCH = 1 << 16
+_ENGINE_FILE = re.compile(r"^engine-[0-9a-f]{16}\.plan$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")
+_ENGINE_KEYS = ("file", "tensorrt", "gpu", "compute_capability", "precision", "profile", "workspace_mib",
+                "graph_sha256", "built")
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine built from the bundle's graph: usable only with the same TensorRT version, GPU,
+    compute capability and graph; ``profile`` is the batch range (min, opt, max) it was optimised for."""
+
+    file: str
+    tensorrt: str
+    gpu: str
+    compute_capability: tuple     # (major, minor)
+    precision: str
+    profile: tuple                # (min, opt, max) batch sizes
+    graph_sha256: str
+    workspace_mib: int | None = None
+    built: str = ""
+
+    @property
+    def key(self) -> tuple:
+        """What makes two engines interchangeable: one record per key in a manifest."""
+        return (self.tensorrt, self.gpu, self.compute_capability, self.precision, self.profile)
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "EngineRecord":
+        data = _dict(data, path)
+        unknown = sorted(set(data) - set(_ENGINE_KEYS))
+        if unknown:
+            raise _fail(path, f"only the keys {list(_ENGINE_KEYS)}", unknown)
+        capability = _list(_get(data, "compute_capability", path), f"{path}.compute_capability",
+                           lambda v, p: _int(v, p, 0, 99), length=2)
+        profile_data = _dict(_get(data, "profile", path), f"{path}.profile")
+        if sorted(profile_data) != ["max", "min", "opt"]:
+            raise _fail(f"{path}.profile", "an object with exactly min, opt and max", sorted(profile_data))
+        profile = tuple(_int(profile_data[k], f"{path}.profile.{k}", 1, MAX_ENGINE_BATCH)
+                        for k in ("min", "opt", "max"))
+        if not profile[0] <= profile[1] <= profile[2]:
+            raise _fail(f"{path}.profile", "min <= opt <= max", dict(zip(("min", "opt", "max"), profile)))
+        workspace = data.get("workspace_mib")
+        return cls(_str(check_plain_name(_get(data, "file", path), f"manifest field {path}.file"), f"{path}.file",
+                        pattern=_ENGINE_FILE),
+                   _str(_get(data, "tensorrt", path), f"{path}.tensorrt", pattern=_VERSION, max_length=32),
+                   _str(_get(data, "gpu", path), f"{path}.gpu", max_length=200),
+                   capability, _str(_get(data, "precision", path), f"{path}.precision", PRECISIONS), profile,
+                   _str(_get(data, "graph_sha256", path), f"{path}.graph_sha256",
+                        pattern=re.compile(r"^[0-9a-f]{64}$")),
+                   None if workspace is None else _int(workspace, f"{path}.workspace_mib", 1, 1 << 20),
+                   _str(data.get("built", ""), f"{path}.built", max_length=64))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "tensorrt": self.tensorrt, "gpu": self.gpu,
+                "compute_capability": list(self.compute_capability), "precision": self.precision,
+                "profile": dict(zip(("min", "opt", "max"), self.profile)), "workspace_mib": self.workspace_mib,
+                "graph_sha256": self.graph_sha256, "built": self.built}
+
+
 CONFOUNDING_LOSSES = ("bce", "softmax")
 NORM_FORMS = ("closed", "gram", "tap", "generic")
 
@@ -449,9 +510,10 @@ class Manifest:
     gradprobe_version: str = ""
     created: str = ""
     export: dict = field(default_factory=dict)
+    engines: tuple = ()             # EngineRecord: TensorRT engines built from the graph
 
     FIELDS: ClassVar = ("format", "schema_version", "kind", "gradprobe_version", "created", "model", "input",
-                        "graph", "score_orientation", "files", "detector", "export")
+                        "graph", "score_orientation", "files", "detector", "export", "engines")
 
     @property
     def classifier(self) -> ClassifierSection:
@@ -500,7 +562,8 @@ class Manifest:
             detector=None if detector is None else DetectorSection.from_json(detector, "detector"),
             gradprobe_version=_str(data.get("gradprobe_version", ""), "gradprobe_version", max_length=64),
             created=_str(data.get("created", ""), "created", max_length=64),
-            export=_json_value(_dict(data.get("export", {}), "export"), "export"))
+            export=_json_value(_dict(data.get("export", {}), "export"), "export"),
+            engines=_list(data.get("engines", []), "engines", EngineRecord.from_json, max_length=64))
         manifest.check()
         return manifest
 
@@ -520,6 +583,13 @@ class Manifest:
         if images is None or images.dtype != "float32" or tuple(images.shape[1:]) != self.input.shape:
             raise BundleError(f"manifest field graph.inputs: expected an 'images' float32 input of shape "
                               f"[B, {', '.join(map(str, self.input.shape))}] matching input.shape")
+        for index, engine in enumerate(self.engines):
+            if engine.file not in self.files:
+                raise BundleError(f"manifest field engines[{index}].file: {engine.file!r} is not listed in files")
+        if len({e.key for e in self.engines}) != len(self.engines) or \
+                len({e.file for e in self.engines}) != len(self.engines):
+            raise BundleError("manifest field engines: one engine per (TensorRT, GPU, capability, precision, "
+                              "profile) and per file")
         if self.detector is not None and self.detector.features not in {spec.name for spec in self.outputs}:
             raise BundleError(f"manifest field detector.features: {self.detector.features!r} is not an output "
                               "of the graph")
@@ -535,4 +605,5 @@ class Manifest:
                 "detector": None if self.detector is None else self.detector.to_json(),
                 "score_orientation": SCORE_ORIENTATION,
                 "files": {name: record.to_json() for name, record in sorted(self.files.items())},
-                "export": self.export}
+                "export": self.export,
+                **({"engines": [engine.to_json() for engine in self.engines]} if self.engines else {})}
