@@ -25,7 +25,7 @@ $(STAMP): setup.py requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[export,cpu,viz,test,kernels]"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[export,cpu,viz,test,kernels,lint]"
 	touch $(STAMP)
 
 demo: setup peers

@@ -4,7 +4,10 @@ from setuptools import setup
 EXPORT = ["torch>=2.4", "onnx>=1.17", "onnxscript>=0.3", "safetensors>=0.4"]
 CPU = ["onnxruntime>=1.20"]
 KERNELS = ["cuda-python>=12", "nvidia-cuda-nvrtc>=12"]  # compiles the CUDA kernels, even without a GPU
-GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
+# TensorRT engines (gradprobe build; onnx for the --fp16 graph rewrite), ONNX Runtime's CUDA provider, the kernels.
+# Not with [cpu]: onnxruntime and onnxruntime-gpu install the same module.
+GPU = ["onnxruntime-gpu>=1.20", "tensorrt>=10.0", "onnx>=1.17"] + KERNELS
+LINT = ["polygraphy>=0.49", "onnx-graphsurgeon>=0.5", "onnx>=1.17"]  # NVIDIA's ONNX checks, no GPU needed
 VIZ = ["matplotlib>=3.7"]
 TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
 
@@ -26,9 +29,10 @@ setup(
         "cpu": CPU,
         "gpu": GPU,
         "kernels": KERNELS,
+        "lint": LINT,
         "viz": VIZ,
         "test": TEST,
-        "dev": EXPORT + CPU + TEST + KERNELS,
+        "dev": EXPORT + CPU + TEST + KERNELS + LINT,
     },
     entry_points={"console_scripts": ["gradprobe = gradprobe.cli:main"]},
 )
