@@ -106,3 +106,18 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FixedSpecsBackend(Backend, ABC):
+    """A backend that reads its specs once, when it is built, into ``_inputs`` and ``_outputs``."""
+
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self._outputs

@@ -8,7 +8,7 @@ import numpy as np
 from gradprobe.base.errors import BackendUnavailableError, BundleError
 from gradprobe.base.manifest import TensorSpec
 
-from .backend import Backend
+from .backend import FixedSpecsBackend
 
 _EXTRA_FOR = {"CUDAExecutionProvider": "gpu", "TensorrtExecutionProvider": "gpu"}
 _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
@@ -53,7 +53,7 @@ def _provider_name(provider) -> str:
     return _SHORT_NAMES.get(str(name).lower(), name)
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(FixedSpecsBackend):
     """``providers``: ONNX Runtime providers in order of preference, names ("CUDAExecutionProvider", or
     "cuda" / "cpu") or (name, options) pairs such as ("cuda", {"device_id": 1}); default: CPU only.
 
@@ -93,14 +93,6 @@ class OnnxRuntimeBackend(Backend):
                                           "check that the CUDA and cuDNN libraries onnxruntime-gpu needs load)")
         self._inputs = [_spec(node) for node in self.session.get_inputs()]
         self._outputs = [_spec(node) for node in self.session.get_outputs()]
-
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        return self._outputs
 
     def describe(self) -> dict:
         """``provider``: the one that runs the graph (the first; ONNX Runtime lists CPU after it for the

@@ -22,7 +22,7 @@ from gradprobe.base.errors import BackendUnavailableError, BundleError, Gradprob
 from gradprobe.base.manifest import PRECISIONS, EngineRecord, Manifest, TensorSpec
 
 from . import cuda
-from .backend import Backend
+from .backend import FixedSpecsBackend
 
 BUILD_HINT = "gradprobe build {bundle}{fp16}"
 
@@ -88,7 +88,7 @@ def _shape_of(dims) -> tuple:
     return tuple(int(d) if int(d) >= 0 else "batch" for d in dims)
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(FixedSpecsBackend):
     """``engine``: a serialized plan (default: the bundle's engine for this GPU); ``precision``: "fp32"
     (default) or "fp16"; ``outputs``: "host" (numpy) or "device" (``DeviceArray`` views, reused per call);
     ``device``: CUDA device ordinal."""
@@ -139,14 +139,6 @@ class TensorRTBackend(Backend):
     def _spec(self, name: str) -> TensorSpec:
         dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name))).name
         return TensorSpec(name, dtype, _shape_of(self.engine.get_tensor_shape(name)))
-
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        return self._outputs
 
     def describe(self) -> dict:
         described = {"backend": self.name, "tensorrt": self.trt.__version__, "gpu": self.device.name,

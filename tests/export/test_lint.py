@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("polygraphy", reason="the lint needs polygraphy: pip install 'gradprobe[lint]'")
 pytest.importorskip("onnx_graphsurgeon", reason="the lint needs onnx-graphsurgeon: pip install 'gradprobe[lint]'")
 
-import onnx  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradprobe  # noqa: E402
