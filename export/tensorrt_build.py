@@ -77,7 +77,10 @@ def _network_flags(trt) -> int:
 def _timing_cache(config, path: Path):
     """The timing cache at ``path`` attached to ``config`` (an empty one when absent or unusable)."""
     data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
+    try:
+        cache = config.create_timing_cache(data)
+    except Exception:  # TensorRT raises its own error types on a damaged cache
+        cache = None
     if cache is None or not config.set_timing_cache(cache, False):
         cache = config.create_timing_cache(b"")  # written by another TensorRT or GPU: start afresh
         config.set_timing_cache(cache, False)
@@ -93,7 +96,10 @@ def _save_timing_cache(config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=60):
         if path.is_file():  # another build may have added entries meanwhile: keep them
-            previous = config.create_timing_cache(path.read_bytes())
+            try:
+                previous = config.create_timing_cache(path.read_bytes())
+            except Exception:
+                previous = None
             if previous is not None:
                 cache.combine(previous, False)
         atomic_write_bytes(path, bytes(memoryview(cache.serialize())))

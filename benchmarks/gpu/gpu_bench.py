@@ -44,9 +44,10 @@ BUDGET_S = 450.0  # 7.5 minutes of the 8: the rest is start-up and the table
 class Run:
     """Time budget, device, and the rows and notes of the report."""
 
-    def __init__(self, device: str, budget: float, quick: bool):
+    def __init__(self, device: str, budget: float, quick: bool, save=None):
         self.device, self.deadline, self.quick = torch.device(device), time.perf_counter() + budget, quick
         self.rows, self.notes, self.sections = [], [], {}
+        self.save = save or (lambda: None)  # writes the report so far: a kill at the time limit loses nothing
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -66,6 +67,8 @@ class Run:
             print(f"[{name}] FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
             traceback.print_exc(limit=3)
             return None
+        finally:
+            self.save()
 
     def note(self, text: str) -> None:
         print(f"note: {text}", flush=True)
@@ -343,10 +346,10 @@ def deployed(run, name, model, size, batches, images, ratio):
                                ratio=ratio(batch, times))
 
 
-def kernels_section(run, size: int, batch: int):
+def kernels_section(run, size: int, batch: int, forms=("auto", "direct", "gram")):
     from gpu_checks import kernel_checks
 
-    result = kernel_checks(size=size, batch=batch, vmap_repeats=2)
+    result = kernel_checks(size=size, batch=batch, vmap_repeats=2, forms=forms)
     run.sections[f"kernels/{size}/{batch}/result"] = result
     return result
 
@@ -384,29 +387,33 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run this on a GPU machine (or --device cpu --quick for a smoke test)")
         return 2
-    run = Run(args.device, args.budget_s, args.quick)
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
             "batches": list(BATCHES), "budget_s": args.budget_s}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out / "gpu_bench.json").write_text(json.dumps({"meta": meta, "rows": run.rows, "sections": run.sections,
+                                                        "notes": run.notes}, indent=2, default=str))
+        (out / "gpu_bench.md").write_text(markdown(run, meta))
+
+    run = Run(args.device, args.budget_s, args.quick, save)
     print(json.dumps(meta), flush=True)
     torch.backends.cudnn.benchmark = False
     batches = (1, 4) if args.quick else BATCHES
     cases = [("resnet18", resnet18, 32), ("resnet18", resnet18, 224), ("efficientnet_b0", zoo_model, 64)]
     if args.quick:
         cases = [("resnet18", resnet18, 32)]
+    if args.device == "cuda":  # first: the kernels' checks are what the latency rows rest on
+        run.section("kernels/32/256", kernels_section, run, 32, 256, need_s=30)
     for name, make, size in cases:
         model = run.section(f"{name}/model", make, need_s=1)
         if model is not None:
             bench_model(run, name, model, size, batches)
     if args.device == "cuda":
-        run.section("kernels/32/256", kernels_section, run, 32, 256, need_s=30)
-        run.section("kernels/224/32", kernels_section, run, 224, 32, need_s=40)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_bench.json").write_text(json.dumps({"meta": meta, "rows": run.rows, "sections": run.sections,
-                                                    "notes": run.notes}, indent=2, default=str))
-    table = markdown(run, meta)
-    (out / "gpu_bench.md").write_text(table)
-    print("\n" + table)
+        run.section("kernels/224/32", kernels_section, run, 224, 32, ("auto", "direct"), need_s=40)
+    save()
+    print("\n" + markdown(run, meta))
     return 0
 
 
