@@ -368,7 +368,8 @@ def markdown(run: Run, meta: dict) -> str:
         lines += ["", "| kernels | batch | kernels ms | vmap(grad) ms | floor ms | % of copy bandwidth | "
                       "err vs numpy | err vs vmap |", "|---|---|---|---|---|---|---|---|"]
         for k in kernels:
-            lines.append(f"| ResNet-18 {k['size']}px | {k['batch']} | {k['kernel_ms']['auto']:.3f} | {k['vmap_ms']:.1f} | "
+            lines.append(f"| ResNet-18 {k['size']}px | {k['batch']} | {k['kernel_ms']['auto']:.3f} | "
+                         f"{k['vmap_ms']:.1f} | "
                          f"{k['bandwidth_floor_ms']:.3f} | {100 * k['fraction_of_copy_bandwidth']:.0f} % | "
                          f"{k['max_error_vs_numpy']:.1e} | {k['max_error_vs_vmap']:.1e} |")
     failed = {k: v["error"] for k, v in run.sections.items() if isinstance(v, dict) and v.get("ok") is False}

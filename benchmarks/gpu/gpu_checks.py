@@ -160,7 +160,8 @@ def kernel_checks(size: int = 32, batch: int = BATCH, vmap_repeats: int = 3,
     for form, ms in timings.items():
         print(f"| CUDA kernels, forms={form} | {ms:.3f} | {ms / floor_ms:.1f}x |")
     print(f"| torch.func vmap(grad) (incl. its forward+backward) | {vmap_ms:.1f} | {vmap_ms / floor_ms:.0f}x |")
-    print(f"| bandwidth floor ({read_bytes / 2**20:.0f} MiB at {bandwidth / 1e9:.0f} GB/s copy) | {floor_ms:.3f} | 1.0x |")
+    print(f"| bandwidth floor ({read_bytes / 2**20:.0f} MiB at {bandwidth / 1e9:.0f} GB/s copy) | "
+          f"{floor_ms:.3f} | 1.0x |")
     print(f"kernels read at {achieved / 1e9:.0f} GB/s = {100 * achieved / bandwidth:.0f}% of copy bandwidth "
           f"(target >= 70%: {'met' if achieved >= 0.7 * bandwidth else 'NOT met'})")
     print(f"vmap(grad) peak GPU memory {vmap_peak:.1f} GiB; kernels agree with vmap to {agreement:.1e}")

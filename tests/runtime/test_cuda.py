@@ -1,4 +1,4 @@
-"""The CUDA layer's parts that need no GPU: the device-array interface, views, foreign arrays, the missing-driver error."""
+"""The CUDA layer's parts that need no GPU: the device-array interface, views, foreign arrays, the missing driver."""
 import numpy as np
 import pytest
 
@@ -39,7 +39,8 @@ def test_foreign_device_arrays_are_viewed_without_a_copy():
     assert cuda.is_device_array(foreign) and not cuda.is_device_array(np.zeros(3))
     view = cuda.as_device_array(foreign)
     assert (view.pointer, view.shape, view.dtype, view.stream, view.owner) == (0xABC000, (2, 3), np.float32, 7, foreign)
-    assert cuda.as_device_array(_ForeignCudaArray((1, 3), strides=(999, 4))).shape == (1, 3)  # extent-1 dims: any stride
+    # a dimension of extent 1 may have any stride
+    assert cuda.as_device_array(_ForeignCudaArray((1, 3), strides=(999, 4))).shape == (1, 3)
     with pytest.raises(InputError, match="C-contiguous"):
         cuda.as_device_array(_ForeignCudaArray((2, 3), strides=(4, 8)))  # a transposed view
 

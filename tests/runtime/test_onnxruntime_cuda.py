@@ -63,7 +63,8 @@ def test_the_provider_that_runs_is_recorded_and_strict_forbids_cpu_nodes(monkeyp
     entries = _fake_onnxruntime(monkeypatch, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     backend = create_backend("onnxruntime", b"graph", providers=["cuda", "cpu"], strict=True)
     assert backend.session.requested == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert backend.describe() == {"backend": "onnxruntime", "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    assert backend.describe() == {"backend": "onnxruntime",
+                                  "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                   "provider": "CUDAExecutionProvider", "strict": True}
     assert ("session.disable_cpu_ep_fallback", "1") in entries
 
