@@ -37,3 +37,4 @@ clean:
 	rm -rf $(VENV) gradprobe-demo .pytest_cache .benchmarks
 
 -include benchmarks/peers.mk
+-include serve.mk

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_detect_commands(commands)
 
+    from gradprobe.serve.triton import add_serve_command
+
+    add_serve_command(commands)
+
+    from gradprobe.serve.scale import add_score_command
+
+    add_score_command(commands)
+
     demo = commands.add_parser("demo", help="export, run, explain and time the shipped model")
     demo.add_argument("--out", default="gradprobe-demo", help="folder for the bundle and pictures")
     demo.add_argument("--threads", type=int, default=2)
