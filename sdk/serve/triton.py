@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 import signal
 import subprocess
@@ -187,13 +188,60 @@ def serve(bundle, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
                                            batcher=DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)),
                         strict=True)
             triton.run()
+            watchdog = _start_watchdog()
             logging.getLogger("gradprobe").info("serving %s as %r on %s (http %d, grpc %d)", bundle, model_name,
                                                 host, http_port, grpc_port)
             print(f"gradprobe serve: {model_name!r} ready on http://{host}:{http_port} and grpc {host}:{grpc_port} "
                   f"(max batch {max_batch}, {instances} instance(s); outputs {', '.join(specs)})", flush=True)
-            triton.serve()
+            try:
+                triton.serve()
+            finally:
+                if watchdog is not None:
+                    watchdog.terminate()  # a clean stop: Triton is stopped by PyTriton, nothing to kill
+                    watchdog.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: Runs beside the server: when the server process dies (even SIGKILL), SIGKILL its tritonserver at once.
+#: PyTriton only sends Triton SIGTERM then, and Triton holds in-flight requests open while it shuts
+#: down; with the proxy gone they can never be answered, so clients would wait out their timeouts.
+_WATCHDOG = """
+import ctypes, os, signal, sys
+pid = int(sys.argv[1])
+def kill(*_):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            if f.read().strip() == "tritonserver":
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGUSR1, kill)
+ctypes.CDLL(None).prctl(1, int(signal.SIGUSR1))  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[2]):
+    kill()
+while True:
+    signal.pause()
+"""
+
+
+def _start_watchdog():
+    """The watchdog process for this server's tritonserver child, or None when there is none to watch."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == me and name == "tritonserver":
+            return subprocess.Popen([sys.executable, "-c", _WATCHDOG, entry, str(me)])
+    return None
 
 
 def _interrupt(signum, frame):
