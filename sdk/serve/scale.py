@@ -116,9 +116,11 @@ def read_source(path, input_shape) -> np.ndarray:
     return pixels.reshape(len(column), *input_shape)
 
 
-def _read_rows(row: dict, input_shape) -> list[dict]:
-    images = read_source(row["source"], input_shape)
-    return [{"source": row["source"], "index": i, "image": image} for i, image in enumerate(images)]
+def _read_batch(batch: dict, input_shape) -> dict:
+    """One source (a batch of one row) -> its images as numpy columns: no per-row Python objects."""
+    (source,) = batch["source"]
+    images = read_source(source, input_shape)
+    return {"source": np.full(len(images), source, dtype=object), "index": np.arange(len(images)), "image": images}
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -248,7 +250,8 @@ def score(bundle, input, output, *, ray_address: str = "local", actors: int = 1,
         output.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         dataset = ray.data.from_items([{"source": s} for s in todo], override_num_blocks=len(todo))
-        dataset = dataset.flat_map(_read_rows, fn_kwargs={"input_shape": tuple(probe.input_shape)}, num_cpus=0)
+        dataset = dataset.map_batches(_read_batch, fn_kwargs={"input_shape": tuple(probe.input_shape)}, batch_size=1,
+                                      batch_format="numpy", num_cpus=0)
         dataset = dataset.map_batches(ProbeActor, fn_constructor_kwargs={"bundle": str(bundle), "maps": maps},
                                       batch_size=batch, batch_format="numpy", num_cpus=1,
                                       compute=ray.data.ActorPoolStrategy(size=actors))
@@ -258,6 +261,7 @@ def score(bundle, input, output, *, ray_address: str = "local", actors: int = 1,
         with tqdm(total=total, unit="img", desc="gradprobe score", disable=not progress) as bar, \
                 _gradprobe_errors():
             for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                summary.setdefault("first_output_s", time.perf_counter() - start)  # start-up: actors, first read
                 pending.append(out)
                 for source in dict.fromkeys(out["source"].tolist()):
                     if source != current:
