@@ -15,65 +15,26 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 import gradprobe
 from gradprobe.serve.client import ProbeClient
+from gradprobe.serve.process import HOST, ServerProcess, free_ports
 
 HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"  # never anything else
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-class Server:
-    def __init__(self, bundle, http_port, grpc_port, log, threads):
-        self.args = [sys.executable, "-m", "gradprobe.cli", "serve", str(bundle), "--host", HOST,
-                     "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-batch", "64",
-                     "--threads", str(threads)]
-        self.http_port, self.grpc_port, self.log = http_port, grpc_port, log
-
-    def start(self, limit_s: float = 180) -> float:
-        began = time.perf_counter()
-        self.process = subprocess.Popen(self.args, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        while time.perf_counter() - began < limit_s:
-            if self.process.poll() is not None:
-                raise SystemExit(f"server exited: see {self.log}")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/v2/models/gradprobe/ready", timeout=2):
-                    return time.perf_counter() - began
-            except OSError:
-                time.sleep(0.25)
-        self.stop()
-        raise SystemExit(f"server not ready in {limit_s} s: see {self.log}")
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+def Server(bundle, http_port, grpc_port, log, threads) -> ServerProcess:
+    return ServerProcess(bundle, http_port, grpc_port, log, "--max-batch", "64", "--threads", str(threads))
 
 
 def percentiles(latencies) -> dict:
@@ -166,15 +127,7 @@ def kill_and_restart(bundle, images, reference, workdir, threads, clients=4, tim
         t.join(timeout=3 * timeout)
     hung = sum(t.is_alive() for t in threads_)
     server.stop()
-    for _ in range(120):  # wait for the ports to be released by the dying tritonserver
-        try:
-            for port in (http_port, grpc_port):
-                with socket.socket() as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    s.bind((HOST, port))
-            break
-        except OSError:
-            time.sleep(0.5)
+    server.wait_ports_free()
     again = Server(bundle, http_port, grpc_port, workdir / "restart.log", threads)
     ready_s = again.start()
     answer = ProbeClient(f"{HOST}:{http_port}", timeout=30).infer(images, outputs=["pred"])

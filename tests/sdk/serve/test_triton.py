@@ -207,7 +207,10 @@ def test_killed_server_fails_clients_fast_and_restart_serves(serve_bundle, serve
         assert len(results) == 4 and all(kind == "error" for kind, _, _ in results), results
     finally:
         server.stop()
-    server.wait_ports_free()
+    try:
+        server.wait_ports_free()
+    except gradprobe.GradprobeError as error:
+        pytest.fail(str(error))
     again = ServerProcess(serve_bundle, http_port, grpc_port, tmp_path / "serve-again.log").start()
     try:
         for protocol in PROTOCOLS:
