@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradprobe.errors import BackendUnavailableError
+from gradprobe import BackendUnavailableError
 
 
 class ProbeClient:

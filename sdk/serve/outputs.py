@@ -29,7 +29,7 @@ def probe_outputs(result, detection=None, explanation=None) -> dict[str, np.ndar
 
 def detect_or_none(probe, images):
     """``probe.detect(images)``, or None when the bundle has no calibrated detector."""
-    from gradprobe.errors import NotFittedError
+    from gradprobe import NotFittedError
 
     try:
         return probe.detect(images)

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gradprobe.errors import GradprobeError
+from gradprobe import GradprobeError
 
 HOST = "127.0.0.1"
 

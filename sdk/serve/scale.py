@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradprobe.errors import BackendUnavailableError, InputError
+from gradprobe import BackendUnavailableError, InputError
 
 from .outputs import MAP_OUTPUTS, detect_or_none, probe_outputs
 
@@ -196,16 +196,19 @@ def done_sources(output, identity: dict) -> tuple[set[str], int]:
 
 
 def _write_part(output: Path, number: int, batches: list[dict], sources: list[str], identity: dict) -> Path:
+    """Write one part under a temporary name and rename it: a reader (or a resumed run) never sees half a part."""
     import pyarrow.parquet as pq
-
-    from gradprobe.fileio import atomic_path
 
     rows = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     table = _table(rows)
     table = table.replace_schema_metadata({META: json.dumps({"identity": identity, "sources": sources}).encode()})
     path = output / f"part-{number:05d}.parquet"
-    with atomic_path(path) as temporary:
+    temporary = output / f".{path.name}.{os.getpid()}.tmp"
+    try:
         pq.write_table(table, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -292,7 +295,7 @@ def score(bundle, input, output, *, ray_address: str = "local", actors: int = 1,
 def _gradprobe_errors():
     """Raise a gradprobe error that a Ray worker raised as itself (Ray wraps it in RayTaskError), so
     callers and the command line get gradprobe's message, not Ray's traceback."""
-    from gradprobe.errors import GradprobeError
+    from gradprobe import GradprobeError
 
     try:
         yield
@@ -300,7 +303,7 @@ def _gradprobe_errors():
         cause, seen = error, set()
         while cause is not None and id(cause) not in seen:
             seen.add(id(cause))
-            if isinstance(cause, GradprobeError) and type(cause).__module__ == GradprobeError.__module__:
+            if isinstance(cause, GradprobeError) and not type(cause).__module__.startswith("ray."):
                 raise cause from None
             cause = getattr(cause, "cause", None) or cause.__cause__
         raise

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradprobe.errors import BackendUnavailableError, InputError
+from gradprobe import BackendUnavailableError, InputError
 
 from .outputs import MAP_OUTPUTS, detect_or_none, output_specs, probe_outputs
 

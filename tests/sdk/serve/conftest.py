@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gradprobe
-from gradprobe.errors import GradprobeError
+from gradprobe import GradprobeError
 from gradprobe.serve.process import ServerProcess as _ServerProcess
 from gradprobe.serve.process import free_ports  # noqa: F401 - used by the tests
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gradprobe
-from gradprobe.errors import BackendUnavailableError
+from gradprobe import BackendUnavailableError
 
 HIDE = {"serve": ("pytriton", "pytriton.triton"), "scale": ("ray", "ray.data", "pyarrow")}
 

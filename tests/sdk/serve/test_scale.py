@@ -12,7 +12,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 import gradprobe  # noqa: E402
-from gradprobe.errors import InputError  # noqa: E402
+from gradprobe import InputError  # noqa: E402
 from gradprobe.serve.outputs import MAP_OUTPUTS, probe_outputs  # noqa: E402
 from gradprobe.serve.scale import score  # noqa: E402
 
