@@ -38,3 +38,9 @@ test-serve: serve-setup
 bench-serve: serve-setup
 	$(SERVE_PY) benchmarks/serve_load.py
 	$(SERVE_PY) benchmarks/score_throughput.py
+
+# `make test` (CI's command) runs the serving suite as well; `make test SERVE_TESTS=0` leaves it out.
+SERVE_TESTS ?= 1
+ifneq ($(SERVE_TESTS),0)
+test: test-serve
+endif

@@ -217,3 +217,15 @@ def test_killed_server_fails_clients_fast_and_restart_serves(serve_bundle, serve
             assert_same(client(again, protocol).infer(serve_images[:4]), reference)
     finally:
         again.stop()
+
+
+def test_stub_interpreter_check(monkeypatch):
+    """This venv's interpreter matches the libpython PyTriton's stub loads; another build is refused."""
+    import platform
+
+    from gradprobe.serve.triton import check_stub_interpreter
+
+    check_stub_interpreter()
+    monkeypatch.setattr(platform, "python_version", lambda: "3.11.99")
+    with pytest.raises(gradprobe.BackendUnavailableError, match="different build.*/usr/bin/python3"):
+        check_stub_interpreter()
