@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Normalised explanation maps at the input size (``Probe.explain``), served only when asked for.
-MAP_OUTPUTS = {"cam_map": "cam", "contrastive_map": "contrastive_cam", "counterfactual_map": "counterfactual_cam"}
+#: An explanation map at the input size (``Probe.explain``, normalised) is output ``<raw map name>_map``.
+MAP_SUFFIX = "_map"
 #: The calibrated detector's outputs (``Probe.detect``): higher score = more anomalous.
 DETECTOR_OUTPUTS = ("detector_score", "is_anomalous")
 
 
 def probe_outputs(result, detection=None, explanation=None) -> dict[str, np.ndarray]:
     """``{name: array [B, ...]}``: every output of ``result`` (a ``ProbeResult``), then the detector's
-    score and decision when ``detection`` is given, then the normalised maps when ``explanation`` is."""
+    score and decision when ``detection`` is given, then the normalised maps (``cam_map``, ...) when
+    ``explanation`` is."""
     arrays = {name: value for name, value in vars(result).items()
               if isinstance(value, np.ndarray)}
     if detection is not None:
         arrays["detector_score"] = np.asarray(detection.score)
         arrays["is_anomalous"] = np.asarray(detection.is_anomalous, dtype=bool)
     if explanation is not None:
-        arrays.update({name: getattr(explanation, field) for name, field in MAP_OUTPUTS.items()})
+        arrays.update({f"{name}{MAP_SUFFIX}": getattr(explanation, name)
+                       for name in ("cam", "contrastive_cam", "counterfactual_cam")})
     return arrays
+
+
+def is_map(name: str) -> bool:
+    """Whether output ``name`` is a normalised explanation map (computed only when asked for)."""
+    return name.endswith(MAP_SUFFIX)
 
 
 def detect_or_none(probe, images):

@@ -9,7 +9,7 @@ OUTPUT is a folder of Parquet parts (``part-NNNNN.parquet``), each written atomi
 whole input files, with the files it covers in its metadata: a run that stops part-way resumes by
 input file, exactly. Columns: ``source``, ``index`` (row within the source), ``pred``, ``pred_name``,
 ``probs`` [C], ``confounding_grad_sqnorm`` [2], ``detector_score`` / ``is_anomalous`` when the bundle is
-calibrated, and with ``maps=True`` the normalised ``cam_map`` / ``contrastive_map`` / ``counterfactual_map``
+calibrated, and with ``maps=True`` the normalised ``cam_map`` / ``contrastive_cam_map`` / ``counterfactual_cam_map``
 [H, W]; vectors and maps are Arrow fixed-shape tensors.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from gradprobe import BackendUnavailableError, InputError
 
-from .outputs import MAP_OUTPUTS, detect_or_none, probe_outputs
+from .outputs import detect_or_none, is_map, probe_outputs
 
 EXTRA = "pip install 'gradprobe[scale]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -148,9 +148,8 @@ def score_batch(probe, batch: dict, maps: bool = False) -> dict:
     out = {"source": batch["source"], "index": batch["index"]}
     out.update({name: arrays[name] for name in COLUMNS})
     out["pred_name"] = np.array([probe.class_names[i] for i in arrays["pred"]], dtype=object)
-    for name in ("detector_score", "is_anomalous", *(MAP_OUTPUTS if maps else ())):
-        if name in arrays:
-            out[name] = arrays[name]
+    out.update({name: array for name, array in arrays.items()
+                if name in ("detector_score", "is_anomalous") or is_map(name)})
     return out
 
 

@@ -6,7 +6,7 @@ queueing); this module only binds ``Probe`` to it. Model ``gradprobe`` (``--mode
 - inputs ``images`` float32 [-1, C, H, W] in [0, 1]; optional ``contrast`` int64 [-1, 1] (-1 = runner-up);
   optional ``maps`` bool [-1, 1]: true rows also get the normalised maps (``Probe.explain``).
 - outputs every probe output, ``detector_score`` / ``is_anomalous`` when the bundle is calibrated, and
-  ``cam_map`` / ``contrastive_map`` / ``counterfactual_map`` [H, W]; per-image scalars come as [-1, 1].
+  ``cam_map`` / ``contrastive_cam_map`` / ``counterfactual_cam_map`` [H, W]; per-image scalars come as [-1, 1].
 
 Triton refuses a wrong dtype, rank, image size or a batch over ``--max-batch`` per request, before any
 batching (its message names the expected value); NaN/Inf pixels and unknown contrast classes reach
@@ -29,7 +29,7 @@ import numpy as np
 
 from gradprobe import BackendUnavailableError, InputError
 
-from .outputs import MAP_OUTPUTS, detect_or_none, output_specs, probe_outputs
+from .outputs import detect_or_none, is_map, output_specs, probe_outputs
 
 EXTRA = "pip install 'gradprobe[serve]'"
 MODEL_NAME = "gradprobe"
@@ -131,7 +131,7 @@ def make_infer(probe, calibrated: bool, outputs: dict):
             rows = np.flatnonzero(wants_maps)
             explanation = probe.explain(images[rows], contrast[rows])
             for name, maps in probe_outputs(result, None, explanation).items():
-                if name in MAP_OUTPUTS:
+                if is_map(name):
                     arrays[name] = np.zeros((len(images), *maps.shape[1:]), maps.dtype)
                     arrays[name][rows] = maps
         responses, start = [], 0
@@ -141,7 +141,7 @@ def make_infer(probe, calibrated: bool, outputs: dict):
             answer = {name: array[start:stop].reshape(size, *outputs[name][1]).astype(outputs[name][0], copy=False)
                       for name, array in arrays.items() if name in outputs and name in asked}
             if not wants_maps[start:stop].any():
-                answer = {name: array for name, array in answer.items() if name not in MAP_OUTPUTS}
+                answer = {name: array for name, array in answer.items() if not is_map(name)}
             responses.append(answer)
             start = stop
         return responses

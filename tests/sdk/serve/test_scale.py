@@ -13,7 +13,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 import gradprobe  # noqa: E402
 from gradprobe import InputError  # noqa: E402
-from gradprobe.serve.outputs import MAP_OUTPUTS, probe_outputs  # noqa: E402
+from gradprobe.serve.outputs import is_map, probe_outputs  # noqa: E402
 from gradprobe.serve.scale import score  # noqa: E402
 
 pytestmark = pytest.mark.serve
@@ -81,8 +81,9 @@ def check_against_probe(rows: dict, bundle, expected: dict, maps: bool = False):
         assert (rows["index"][mine][order] == np.arange(len(images))).all(), name
         detection = probe.detect(images)
         reference = probe_outputs(detection.probe, detection, probe.explain(images) if maps else None)
-        for column in ("pred", "probs", "confounding_grad_sqnorm", "detector_score", "is_anomalous",
-                       *(MAP_OUTPUTS if maps else ())):
+        maps_ = [name for name in reference if is_map(name)]
+        assert sorted(maps_) == sorted(name for name in rows if is_map(name))
+        for column in ("pred", "probs", "confounding_grad_sqnorm", "detector_score", "is_anomalous", *maps_):
             got = rows[column][mine][order]
             if got.dtype.kind == "f":
                 np.testing.assert_allclose(got, reference[column], rtol=1e-5, atol=1e-6, err_msg=f"{name} {column}")
