@@ -7,7 +7,11 @@ STAMP := $(VENV)/.gradprobe-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system data demo test test-all clean
+RUNTIME_VENV := .venv-runtime
+TEST_BUNDLES := .cache/test-bundles
+MARKERS := not slow and not gpu and not trt and not peers
+
+.PHONY: setup system data demo test test-main test-runtime test-all clean
 setup: system $(STAMP) data
 
 # python3-venv on a bare Debian; the data set from Debian's dataset-fashion-mnist package.
@@ -27,14 +31,27 @@ $(STAMP): setup.py requirements/constraints.txt
 demo: setup peers
 	$(VENV)/bin/gradprobe demo
 
-test: setup
-	$(PY) -m pytest -m "not slow and not gpu and not trt and not peers"
+test: test-main test-runtime
+
+test-main: setup
+	$(PY) -m pytest -m "$(MARKERS)"
+
+# The deployed path: bundles exported with torch, then the runtime tests in a venv with numpy and onnxruntime only.
+test-runtime: setup
+	$(PY) -m tests.bundles $(TEST_BUNDLES)
+	test -x $(RUNTIME_VENV)/bin/python || $(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q -c requirements/constraints.txt numpy onnxruntime threadpoolctl tqdm filelock pytest
+	$(RUNTIME_VENV)/bin/pip install -q --no-deps -e .
+	$(RUNTIME_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'onnx')))" \
+		|| { echo "$(RUNTIME_VENV) must hold neither torch nor onnx"; exit 1; }
+	GRADPROBE_TEST_BUNDLES=$(TEST_BUNDLES) $(RUNTIME_VENV)/bin/python -m pytest -m "$(MARKERS)" \
+		tests/base tests/runtime tests/sdk/test_load.py tests/sdk/test_imports.py
 
 test-all: setup peers
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) gradprobe-demo .pytest_cache .benchmarks
+	rm -rf $(VENV) $(RUNTIME_VENV) $(TEST_BUNDLES) gradprobe-demo .pytest_cache .benchmarks
 
 -include benchmarks/peers.mk
 -include serve.mk

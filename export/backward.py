@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gradprobe.errors import ExportError
+from gradprobe.base.errors import ExportError
 
 from .graph import ProbeGraph
 

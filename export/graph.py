@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from gradprobe.errors import ExportError
+from gradprobe.base.errors import ExportError
 
 _POOLING_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _POOLING_FUNCTIONS = {torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.avg_pool2d,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gradprobe.errors import ExportError
+from gradprobe.base.errors import ExportError
 from gradprobe.kernels import ConvSpec, choose_form
 
 from .backward import _pair

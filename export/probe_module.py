@@ -1,18 +1,23 @@
 """The probe graph as a torch module: forward pass plus the probing losses' backward, as plain ops.
 
-Formulas: METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the three maps).
+Formulas: METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the maps, from the
+table in ``maps``). ``forward`` returns the outputs by name; ``OrderedOutputs`` fixes their order for the
+ONNX exporter from the same names.
 """
 from __future__ import annotations
 
 import torch
 from torch import fx, nn
 
+from gradprobe.base.manifest import TensorSpec
+
+from . import maps as explanation_maps
 from .backward import backprop, backprop_to_target
 from .graph import ProbeGraph
 from .layer_grads import ParameterNorm, PatchExtractor, closed_form_sqnorm, confounding_logit_grad, gram_sqnorm
 
-#: Output names in the order ``ProbeModule.forward`` returns them, with their meaning.
-OUTPUTS = {
+#: What each non-map output means (maps describe themselves through the table).
+MEANINGS = {
     "logits": "z = W h + b, [B, C]",
     "probs": "softmax(z), [B, C]",
     "pred": "argmax z, [B] int64",
@@ -21,12 +26,11 @@ OUTPUTS = {
     "label_grad_sqnorm": "||dCE(z,q)/d(W,b)||^2 of the last Linear for every class q, [B, C]",
     "confounding_grad_sqnorm": "[||dJ/dW||^2, ||dJ/db||^2] for the all-ones confounding label, "
                                "J = BCE-with-logits summed over classes, [B, 2]",
-    "cam": "Grad-CAM 'why P?': ReLU(sum_k alpha_k A_k), alpha = mean_uv dz_P/dA, [B, u, v]",
-    "contrastive_cam": "'why P, rather than Q?': alpha = mean_uv dCE(z, Q)/dA, [B, u, v]",
-    "counterfactual_cam": "'what if not P?': ReLU(-sum_k alpha_k A_k) with Grad-CAM's alpha, [B, u, v]",
+    "layer_grad_sqnorm": "squared L2 norm of every parameter tensor's per-sample gradient for the all-ones "
+                         "confounding label, model.named_parameters() order, [B, P]",
+    "tap_input": "input of a conv whose weight-gradient norm the kernels complete, [B, C, H, W]",
+    "tap_grad": "output gradient of that conv for the confounding loss, [B, O, Ho, Wo]",
 }
-LAYER_GRADS_OUTPUT = {"layer_grad_sqnorm": "squared L2 norm of every parameter tensor's per-sample gradient for "
-                                           "the all-ones confounding label, model.named_parameters() order, [B, P]"}
 
 
 def _one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -34,24 +38,19 @@ def _one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Ten
     return (torch.arange(classes, device=index.device)[None, :] == index[:, None]).to(dtype)
 
 
-def _weighted_map(alpha_source: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
-    """sum_k alpha_k A_k with alpha_k the spatial mean of the gradient (before the ReLU)."""
-    alpha = alpha_source.mean(dim=(2, 3), keepdim=True)
-    return (alpha * activation).sum(dim=1)
-
-
 class ProbeModule(nn.Module):
-    """forward(images in [0,1], contrast) -> the tensors named by ``output_names()``, in that order.
+    """forward(images in [0,1], contrast) -> {output name: tensor}.
 
     With ``layer_norms`` (see layer_grads.plan) it adds ``layer_grad_sqnorm`` and, for the conv weights
     left to the kernels, their taps ``tap_input_<column>`` / ``tap_grad_<column>``.
     """
 
     def __init__(self, graph: ProbeGraph, mean=None, std=None, layer_norms: list[ParameterNorm] | None = None,
-                 confounding: str = "bce"):
+                 confounding: str = "bce", maps=explanation_maps.MAPS):
         super().__init__()
         self.graph_module = graph.module
         self.graph = graph
+        self.maps = tuple(maps)
         self.layer_norms = list(layer_norms or [])
         self.confounding = confounding
         self.patches = nn.ModuleDict({str(column): PatchExtractor(entry.spec)
@@ -61,24 +60,22 @@ class ProbeModule(nn.Module):
         self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
 
-    def output_names(self) -> list[str]:
-        names = list(OUTPUTS)
-        if self.layer_norms:
-            names += list(LAYER_GRADS_OUTPUT)
-            for column, entry in enumerate(self.layer_norms):
-                if entry.form == "tap":
-                    names += [f"tap_input_{column}", f"tap_grad_{column}"]
-        return names
+    def output_specs(self, outputs: dict) -> list[TensorSpec]:
+        """Name, dtype, shape (batch named B) and meaning of every output, from one forward's ``outputs``."""
+        described = {spec.name: explanation_maps.describe(spec) for spec in self.maps}
+        specs = []
+        for name, value in outputs.items():
+            meaning = described.get(name) or MEANINGS.get(name) or MEANINGS[name.rsplit("_", 1)[0]]
+            specs.append(TensorSpec(name, str(value.dtype).replace("torch.", ""), ("B", *value.shape[1:]), meaning))
+        return specs
 
     def run_graph(self, x: torch.Tensor) -> dict:
         """Every node's value, so the backward rules can read the saved activations."""
-        env: dict[fx.Node, object] = {}
         interpreter = fx.Interpreter(self.graph_module, garbage_collect_values=False)
         interpreter.run(x)
-        env.update(interpreter.env)
-        return env
+        return dict(interpreter.env)
 
-    def forward(self, images: torch.Tensor, contrast: torch.Tensor):
+    def forward(self, images: torch.Tensor, contrast: torch.Tensor) -> dict:
         env = self.run_graph((images - self.mean) / self.std)
         activation = env[self.graph.target]
         logits = env[self.graph.logits]
@@ -99,31 +96,31 @@ class ProbeModule(nn.Module):
         others = torch.where(pred_hot > 0, others_of_pred, squares.sum(dim=1, keepdim=True) - squares)
         delta_sqnorm = others + (1 - probs) ** 2
         feature_sqnorm = (features * features).sum(dim=1, keepdim=True)
-        label_grad_sqnorm = delta_sqnorm * (feature_sqnorm + 1)
 
         # Confounding all-ones label, BCE-with-logits summed over classes: delta = sigmoid(z) - 1.
         confounding_delta = torch.sigmoid(logits) - 1
         confounding_sq = (confounding_delta * confounding_delta).sum(dim=1, keepdim=True)
-        confounding_grad_sqnorm = torch.cat([confounding_sq * feature_sqnorm, confounding_sq], dim=1)
+        outputs = {"logits": logits, "probs": probs, "pred": pred, "features": features,
+                   "contrast_class": contrast_class, "label_grad_sqnorm": delta_sqnorm * (feature_sqnorm + 1),
+                   "confounding_grad_sqnorm": torch.cat([confounding_sq * feature_sqnorm, confounding_sq], dim=1)}
 
-        # METHODS §3: S = z_P (Grad-CAM, and negated for the counterfactual); S = CE(z, Q) (contrastive).
-        gradcam_weights = _weighted_map(backprop_to_target(self.graph, env, pred_hot), activation)
-        contrastive_weights = _weighted_map(backprop_to_target(self.graph, env, probs - contrast_hot), activation)
-        cam = torch.relu(gradcam_weights)
-        counterfactual_cam = torch.relu(-gradcam_weights)
-        contrastive_cam = torch.relu(contrastive_weights)
-        outputs = (logits, probs, pred, features, contrast_class, label_grad_sqnorm, confounding_grad_sqnorm,
-                   cam, contrastive_cam, counterfactual_cam)
+        # METHODS §3: one backward to the target layer per distinct scalar target, shared by its maps.
+        gradients = {}
+        for spec in self.maps:
+            if spec.target not in gradients:
+                cotangent = explanation_maps.TARGETS[spec.target].logit_gradient(probs, pred_hot, contrast_hot)
+                gradients[spec.target] = backprop_to_target(self.graph, env, cotangent)
+            outputs[spec.name] = explanation_maps.weighted_map(spec, gradients[spec.target], activation)
         if self.layer_norms:
-            outputs += self._layer_grads(env, logits)
+            outputs.update(self._layer_grads(env, logits))
         return outputs
 
-    def _layer_grads(self, env: dict, logits: torch.Tensor) -> tuple:
+    def _layer_grads(self, env: dict, logits: torch.Tensor) -> dict:
         """METHODS §1/§6: one batched backward of the confounding loss through the whole network."""
         owners = {entry.node for entry in self.layer_norms}
         grads = backprop(self.graph, env, confounding_logit_grad(logits, self.confounding),
                          self.graph.network_nodes(), keep=owners)
-        columns, taps = [], []
+        columns, taps = [], {}
         for column, entry in enumerate(self.layer_norms):
             x, grad = env[entry.node.args[0]], grads[entry.node]
             if entry.form == "closed":
@@ -133,5 +130,17 @@ class ProbeModule(nn.Module):
                 columns.append(gram_sqnorm(self.patches[str(column)](x), grad, entry.spec.groups))
             else:  # filled in by gradprobe.kernels from the taps
                 columns.append(torch.zeros_like(logits[:, 0]))
-                taps += [x, grad]
-        return (torch.stack(columns, dim=1), *taps)
+                taps[f"tap_input_{column}"], taps[f"tap_grad_{column}"] = x, grad
+        return {"layer_grad_sqnorm": torch.stack(columns, dim=1), **taps}
+
+
+class OrderedOutputs(nn.Module):
+    """The probe module with its outputs as a tuple in ``names`` order: what the ONNX exporter needs."""
+
+    def __init__(self, probe: ProbeModule, names: list[str]):
+        super().__init__()
+        self.probe, self.names = probe, list(names)
+
+    def forward(self, images: torch.Tensor, contrast: torch.Tensor):
+        outputs = self.probe(images, contrast)
+        return tuple(outputs[name] for name in self.names)

@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradprobe.base.manifest import Manifest
+
+from . import maps as explanation_maps
+
 
 def _normalized(images: np.ndarray, normalize) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
@@ -24,26 +28,23 @@ def _sqnorm(grads) -> float:
     return float(sum((g.double() ** 2).sum() for g in grads))
 
 
-def _map(grad: torch.Tensor, activation: torch.Tensor, sign: float = 1.0) -> np.ndarray:
-    alpha = grad.mean(dim=(2, 3), keepdim=True)
-    return torch.relu(sign * (alpha * activation).sum(dim=1))[0].detach().numpy()
-
-
 class ResearchReference:
     """Per-sample autograd reference for a model, its target layer and its last Linear."""
 
-    def __init__(self, model: nn.Module, target_layer: str, linear: str, normalize=None):
+    def __init__(self, model: nn.Module, target_layer: str, linear: str, normalize=None,
+                 maps=explanation_maps.MAPS):
         self.model = model.eval()
         self.target = model.get_submodule(target_layer)
         self.linear = model.get_submodule(linear)
         self.normalize = normalize
+        self.maps = tuple(maps)
 
     @classmethod
-    def for_bundle(cls, model: nn.Module, manifest: dict) -> "ResearchReference":
-        """The reference for ``model`` with the target layer, last Linear and normalisation of a bundle."""
-        normalize = manifest["input"]["normalize"]
-        return cls(model, manifest["target_layer"]["name"], manifest["head"]["linear"],
-                   (normalize["mean"], normalize["std"]))
+    def for_bundle(cls, model: nn.Module, manifest: Manifest) -> "ResearchReference":
+        """The reference for ``model`` with the target layer, last Linear, normalisation and maps of a bundle."""
+        section = manifest.classifier
+        return cls(model, section.target_layer, section.linear, (manifest.input.mean, manifest.input.std),
+                   section.maps)
 
     def _forward(self, x: torch.Tensor):
         captured = {}
@@ -90,15 +91,15 @@ class ResearchReference:
             grad_w, grad_b, _ = self._backward(bce, activation)
             confounding = [_sqnorm([grad_w]), _sqnorm([grad_b])]
 
-            grad_cam = self._backward(logits[0, pred], activation)[2].clone()
-            grad_con = self._backward(F.cross_entropy(logits, torch.tensor([q])), activation)[2].clone()
-            grad_cf = self._backward(logits[0, pred], activation)[2].clone()
-            rows.append(dict(
+            row = dict(
                 logits=logits[0].detach().numpy(), probs=probs[0].detach().numpy(), pred=np.int64(pred),
                 features=features[0].detach().numpy(), contrast_class=np.int64(q),
                 label_grad_sqnorm=np.array(label_sq, dtype=np.float64),
-                confounding_grad_sqnorm=np.array(confounding, dtype=np.float64),
-                cam=_map(grad_cam, activation), contrastive_cam=_map(grad_con, activation),
-                counterfactual_cam=_map(grad_cf, activation, sign=-1.0)))
+                confounding_grad_sqnorm=np.array(confounding, dtype=np.float64))
+            for spec in self.maps:  # one full backward per map, as the research scripts do
+                scalar = explanation_maps.TARGETS[spec.target].scalar(logits, pred, q)
+                grad = self._backward(scalar, activation)[2].clone()
+                row[spec.name] = explanation_maps.weighted_map(spec, grad, activation.detach())[0].detach().numpy()
+            rows.append(row)
         self.model.zero_grad(set_to_none=True)
         return {name: np.stack([row[name] for row in rows]) for name in rows[0]}

@@ -13,3 +13,19 @@ by block and sum squares; cost ~ T*out*in) or with the Gram identity
 """
 from .cost import ConvSpec, choose_form, form_costs  # noqa: F401
 from .numpy_norms import conv_weight_sqnorm, linear_weight_sqnorm, unfold  # noqa: F401
+
+
+def on_device(array) -> bool:
+    """True for arrays that live on a CUDA device (CuPy, torch CUDA, gradprobe's DeviceArray)."""
+    return hasattr(array, "__cuda_array_interface__")
+
+
+def write_tap_column(norms, column: int, x, grad, spec: ConvSpec) -> None:
+    """norms[:, column] = per-sample ||dL/dW||^2 of the conv ``spec`` from its input x and output gradient;
+    on the device where the arrays live (CUDA kernels), or with numpy on the host."""
+    if on_device(x):
+        from .cuda_norms import write_tap_column as on_gpu
+
+        on_gpu(norms, column, x, grad, spec)
+    else:
+        norms[:, column] = conv_weight_sqnorm(x, grad, spec, form="direct")

@@ -12,7 +12,7 @@ from importlib import resources
 
 import numpy as np
 
-from gradprobe.errors import BackendUnavailableError, GradprobeError, InputError
+from gradprobe.base.errors import BackendUnavailableError, GradprobeError, InputError
 
 from .cost import ConvSpec, choose_form
 

@@ -1,14 +1,45 @@
 """Per-sample squared norms of conv/linear weight gradients in numpy: the CPU path and the test oracle."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from threadpoolctl import threadpool_limits
+
+from gradprobe.base.errors import InputError
 
 from .cost import ConvSpec, choose_form
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limiter = None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """BLAS on one thread while any caller is inside; the process's own setting back when the last leaves.
+
+    ``threadpool_limits`` entered from several threads at once restores in the wrong order and leaves
+    BLAS on one thread for good; one shared, counted limit cannot.
+    """
+    global _blas_users, _blas_limiter
+    from threadpoolctl import threadpool_limits
+
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limiter = threadpool_limits(1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def unfold(x: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -34,13 +65,12 @@ def conv_weight_sqnorm(x: np.ndarray, g: np.ndarray, spec: ConvSpec, form: str =
     Works through ``chunk`` samples at a time, so at most ``chunk`` per-sample gradients (direct) or
     Gram matrices exist per worker. Products in the inputs' dtype, sums of squares in float64.
     Chunks run on ``workers`` threads (default: the CPU count) with single-threaded BLAS: these are
-    many small products, where BLAS's own thread hand-offs cost more than they give (measured here:
-    8 products of 16x784x144 took 0.4 ms on one thread, 127 ms with two BLAS threads on busy cores).
+    many small products, where BLAS's own thread hand-offs cost more than they give.
     """
     if form == "auto":
         form = choose_form(spec, g.shape[2] * g.shape[3])
     if form not in ("direct", "gram"):
-        raise ValueError(f"form must be 'direct', 'gram' or 'auto', got {form!r}")
+        raise InputError(f"form must be 'direct', 'gram' or 'auto', got {form!r}")
     out = np.empty(len(x), dtype=np.float64)
 
     def one_chunk(start: int) -> None:
@@ -55,7 +85,7 @@ def conv_weight_sqnorm(x: np.ndarray, g: np.ndarray, spec: ConvSpec, form: str =
             out[start:start + chunk] = np.multiply(gram_a, gram_g, dtype=np.float64).sum(axis=(1, 2, 3))
 
     starts = range(0, len(x), chunk)
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         if len(starts) == 1 or (workers or os.cpu_count() or 1) == 1:
             for start in starts:
                 one_chunk(start)

@@ -1,6 +1,8 @@
-"""Runtime backends: numpy in, numpy out, behind one contract ``Backend.run(feeds) -> outputs``.
+"""The runtime: backends behind one contract, registered by name, and the ``ProbeEngine`` that runs them.
 
-Importing this package loads neither torch nor onnxruntime; a backend imports its engine when built.
+Importing this package loads neither torch nor any inference engine; a backend imports its engine
+when ``create_backend`` builds it.
 """
-from .backend import Backend, make_backend  # noqa: F401
-from .validate import validate_contrast, validate_images  # noqa: F401
+from .backend import Backend, backend_names, create_backend, register_backend  # noqa: F401
+from .engine import ProbeEngine  # noqa: F401
+from .validate import class_index, contrast_matrix, validate_contrast, validate_images  # noqa: F401

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import (BackendUnavailableError, BundleError, DataError, ExportError, GradprobeError,
-                     InputError, NotFittedError)
+from .base.errors import (BackendUnavailableError, BundleError, DataError, ExportError, GradprobeError,
+                          InputError, NotFittedError)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "bench", "cli", "detect", "ood_data",
-                 "evaluate", "explain"}
+_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "cli", "detect", "explain", "base"}
 _LAZY_ATTRIBUTES = {"load": ("probe", "load"), "Probe": ("probe", "Probe"),
-                    "ProbeResult": ("results", "ProbeResult")}
+                    "ProbeResult": ("results", "ProbeResult"), "Explanation": ("explain", "Explanation"),
+                    "DetectionResult": ("detect", "DetectionResult")}
 
-__all__ = ["export", "load", "Probe", "ProbeResult", "GradprobeError", "ExportError",
-           "BackendUnavailableError", "InputError", "NotFittedError", "BundleError", "DataError"]
+__all__ = ["export", "load", "Probe", "ProbeResult", "Explanation", "DetectionResult", "GradprobeError",
+           "ExportError", "BackendUnavailableError", "InputError", "NotFittedError", "BundleError", "DataError"]
 
 
 def __getattr__(name: str):

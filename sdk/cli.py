@@ -1,11 +1,14 @@
-"""The ``gradprobe`` command line: train, export, info, bench, demo."""
+"""The ``gradprobe`` command line: train, export, info, explain, calibrate, demo; bench and eval from a checkout."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+from pathlib import Path
 
-from .errors import GradprobeError
+from .base.errors import GradprobeError, InputError
 
 
 def _train(args):
@@ -38,27 +41,30 @@ def _print_info(path):
     import gradprobe
 
     probe = gradprobe.load(path)
-    manifest = probe.manifest
+    manifest, section = probe.manifest, probe.manifest.classifier
     print(probe)
-    print(f"model      {manifest['model']['class']} ({manifest['model']['parameters']:,} parameters)")
-    print(f"input      images {manifest['input']['shape']} float32 in [0, 1], "
-          f"normalised in the graph with {manifest['input']['normalize']}")
-    print(f"classes    {', '.join(manifest['class_names'])}")
-    print(f"target     {manifest['target_layer']['name']} {manifest['target_layer']['shape']}; "
-          f"last Linear {manifest['head']['linear']!r} ({manifest['head']['features']} features)")
+    print(f"model      {manifest.model.class_name} ({manifest.model.parameters:,} parameters)")
+    print(f"input      images [B, {', '.join(map(str, manifest.input.shape))}] float32 in {list(manifest.input.range)}, "
+          f"normalised in the graph with mean {list(manifest.input.mean)}, std {list(manifest.input.std)}")
+    print(f"classes    {', '.join(section.class_names)}")
+    print(f"target     {section.target_layer} {list(section.target_shape)}; "
+          f"last Linear {section.linear!r} ({section.features} features)")
     print("outputs")
-    for name, meaning in manifest["outputs"].items():
-        print(f"  {name:<24} {meaning}")
-    verified = manifest["export"]["verified_against_torch"]
+    for spec in manifest.outputs:
+        print(f"  {spec.name:<24} {spec.meaning}")
+    verified = manifest.export.get("verified_against_torch")
     if verified:
         print(f"export     max |ORT - torch| / max|torch| = {max(verified.values()):.1e}; "
-              f"TensorRT parser problems: {manifest['export']['tensorrt_problems'] or 'none'}")
-    if manifest.get("layer_grads"):
-        forms = manifest["layer_grads"]["forms"]
-        print(f"layer grads {len(forms)} parameter tensors, {manifest['layer_grads']['confounding']} confounding "
+              f"TensorRT parser problems: {manifest.export.get('tensorrt_problems') or 'none'}")
+    if section.layer_grads:
+        forms = section.layer_grads.forms
+        print(f"layer grads {len(forms)} parameter tensors, {section.layer_grads.confounding} confounding "
               f"loss; closed form {forms.count('closed')}, Gram in graph {forms.count('gram')}, "
-              f"direct in kernels {forms.count('tap')}")
-    print(f"scores     {manifest['score_orientation']}")
+              f"direct in kernels {forms.count('tap')}, generic {forms.count('generic')}")
+    if manifest.detector:
+        print(f"detector   {manifest.detector.kind}, threshold {manifest.detector.threshold:.4g} "
+              f"at TPR {manifest.detector.tpr}, features {manifest.detector.features}")
+    print("scores     higher means more anomalous")
 
 
 def _info(args):
@@ -68,7 +74,44 @@ def _info(args):
 def _demo(args):
     from gradprobe.demo import run_demo
 
-    run_demo(args.out, bench=not args.no_bench, threads=args.threads)
+    run_demo(args.out, threads=args.threads)
+
+
+def _calibrate(args):
+    import gradprobe
+    from gradprobe.data import OOD_SETS, fmnist_part, ood_set
+
+    probe = gradprobe.load(args.bundle)
+    in_dist = fmnist_part("fit", args.n_in)[0]
+    ood = None if args.kind == "ood-free" else ood_set(args.ood, "fit", args.n_ood)
+    description = {"in_dist": f"Fashion-MNIST test split, part 'fit' ({len(in_dist)} images)",
+                   "ood": None if ood is None else f"{args.ood}: {OOD_SETS[args.ood]}, part 'fit' ({len(ood)} images)"}
+    section = probe.calibrate(in_dist, ood, kind=args.kind, tpr=args.tpr, seed=args.seed, description=description)
+    print(json.dumps(section.to_json(), indent=2))
+
+
+#: Commands that run the benchmark harness of a source checkout (``benchmarks/``, not installed).
+HARNESS_COMMANDS = {"bench": "latency of the probe graph vs plain forward, the eager reference and GradCAM",
+                    "eval": "detection and explanation evaluations beside the peer libraries"}
+
+
+def source_checkout() -> Path:
+    """The gradprobe source checkout holding ``benchmarks/``: $GRADPROBE_SOURCE, else the current folder."""
+    root = Path(os.environ.get("GRADPROBE_SOURCE", "."))
+    if not (root / "benchmarks" / "cli.py").is_file():
+        raise GradprobeError(f"this command runs the benchmark harness of a gradprobe source checkout, which an "
+                             f"installed wheel does not ship; no benchmarks/cli.py under {root.resolve()}. Run it "
+                             "from the root of a gradprobe clone, or set GRADPROBE_SOURCE to one")
+    return root.resolve()
+
+
+def _harness(args):
+    root = str(source_checkout())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    code = importlib.import_module("benchmarks.cli").main([args.command, *args.arguments])
+    if code:
+        raise GradprobeError(f"{args.command} failed (exit {code})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,17 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("bundle")
     info.set_defaults(handler=_info)
 
-    from gradprobe.bench import add_bench_command
-
-    add_bench_command(commands)
-
+    from gradprobe.data import OOD_SETS
+    from gradprobe.detect import DETECTORS
     from gradprobe.explain import add_explain_command
 
     add_explain_command(commands)
 
-    from gradprobe.evaluate import add_detect_commands
-
-    add_detect_commands(commands)
+    calibrate = commands.add_parser("calibrate", help="fit an OOD detector and store it in the bundle")
+    calibrate.add_argument("bundle")
+    calibrate.add_argument("--kind", default="paper", choices=sorted(DETECTORS))
+    calibrate.add_argument("--ood", default="digits", choices=sorted(OOD_SETS), help="OOD set for supervised kinds")
+    calibrate.add_argument("--n-in", type=int, default=2000,
+                           help="Fashion-MNIST fit images (half train, half threshold)")
+    calibrate.add_argument("--n-ood", type=int, default=300)
+    calibrate.add_argument("--tpr", type=float, default=0.95, help="in-distribution acceptance rate of the threshold")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(handler=_calibrate)
 
     from gradprobe.serve.triton import add_serve_command
 
@@ -122,11 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_score_command(commands)
 
-    demo = commands.add_parser("demo", help="export, run, explain and time the shipped model")
+    demo = commands.add_parser("demo", help="export, run and explain the shipped model on real data")
     demo.add_argument("--out", default="gradprobe-demo", help="folder for the bundle and pictures")
     demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--no-bench", action="store_true", help="skip the latency table")
     demo.set_defaults(handler=_demo)
+
+    for name, text in HARNESS_COMMANDS.items():
+        harness = commands.add_parser(name, help=f"{text} (source checkout only; `gradprobe {name} -h` for options)",
+                                      add_help=False)
+        harness.add_argument("arguments", nargs=argparse.REMAINDER)
+        harness.set_defaults(handler=_harness)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``gradprobe demo``: the shipped checkpoint end to end - export, run, explain, time."""
+"""``gradprobe demo``: the shipped checkpoint end to end - export, run, explain, detect."""
 from __future__ import annotations
 
 import time
@@ -11,8 +11,8 @@ def _rule(text: str) -> None:
     print(f"\n== {text} " + "=" * max(0, 74 - len(text)))
 
 
-def run_demo(out: str = "gradprobe-demo", *, bench: bool = True, threads: int = 2) -> dict:
-    """Returns what it printed as numbers: accuracy, bundle path, picture path, latency result."""
+def run_demo(out: str = "gradprobe-demo", *, threads: int = 2) -> dict:
+    """Returns what it printed as numbers: accuracy, bundle path, picture path."""
     import gradprobe
     from gradprobe.models import load_pretrained
     from gradprobe.viz import explanation_figure
@@ -25,12 +25,12 @@ def run_demo(out: str = "gradprobe-demo", *, bench: bool = True, threads: int = 
     started = time.perf_counter()
     bundle = gradprobe.export(model, images[:8], out / "bundle")
     manifest = gradprobe.load(bundle).manifest
+    section = manifest.classifier
     size = sum(f.stat().st_size for f in bundle.iterdir())
     print(f"bundle {bundle}  ({size / 1e6:.1f} MB, {time.perf_counter() - started:.1f} s)")
-    print(f"target layer {manifest['target_layer']['name']} {manifest['target_layer']['shape']}, "
-          f"last Linear {manifest['head']['linear']!r}, {manifest['num_classes']} classes, "
-          f"max |ORT - torch| / max|torch| at export: "
-          f"{max(manifest['export']['verified_against_torch'].values()):.1e}")
+    print(f"target layer {section.target_layer} {list(section.target_shape)}, last Linear {section.linear!r}, "
+          f"{len(section.class_names)} classes, maps {[m.name for m in section.maps]}, max |ORT - torch| / "
+          f"max|torch| at export: {max(manifest.export['verified_against_torch'].values()):.1e}")
 
     _rule("2. run the Fashion-MNIST test set through ONNX Runtime (no torch)")
     probe = gradprobe.load(bundle, threads=threads)
@@ -59,11 +59,6 @@ def run_demo(out: str = "gradprobe-demo", *, bench: bool = True, threads: int = 
                                  labels=labels[subset], title="gradprobe on the shipped ResNet (Fashion-MNIST test)")
     print(f"wrote {picture}")
 
-    latency = None
-    if bench:
-        _rule("5. latency at batch 64, side by side (medians; ratios are what to read)")
-        from gradprobe.bench import format_table, run_latency
-
-        latency = run_latency(bundle, batches=(64,), threads=threads)
-        print(format_table(latency))
-    return {"accuracy": accuracy, "bundle": str(bundle), "picture": str(picture), "latency": latency}
+    print("\nlatency side by side (probe graph vs plain forward vs eager reference vs GradCAM): run "
+          f"`gradprobe bench {bundle}` from a source checkout")
+    return {"accuracy": accuracy, "bundle": str(bundle), "picture": str(picture)}

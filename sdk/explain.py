@@ -1,9 +1,11 @@
-"""``Probe.explain``: Grad-CAM, contrastive and counterfactual maps at the input size (METHODS.md §3).
+"""``Probe.explain``: every explanation map of the bundle at the input size (METHODS.md §3).
 
-The probe graph already emits the three raw maps at the target layer, and takes one contrast class Q per
-row. Several Q per image are answered with ONE engine call on the batch tiled K times (one contrast
-column per tile), then split. Maps are upsampled bilinearly (half-pixel centres, as cv2.resize) and
-min-max normalised per map, the convention of pytorch-grad-cam, so they compare one to one.
+The probe graph emits the raw maps at the target layer (which maps, and what each answers, the bundle's
+manifest says: Grad-CAM "why P?", contrastive "why P, rather than Q?", counterfactual "what if not P?",
+Grad-CAM++) and takes one contrast class Q per row. Several Q per image are answered with ONE engine
+call on the batch tiled K times (one contrast column per tile), then split. Maps are upsampled bilinearly
+(half-pixel centres, as cv2.resize) and min-max normalised per map, pytorch-grad-cam's convention, so
+they compare one to one.
 """
 from __future__ import annotations
 
@@ -12,111 +14,84 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .base.errors import InputError
 from .viz import normalize_maps, upsample
-
-MAPS = ("cam", "contrastive_cam", "counterfactual_cam")
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """Maps in [0, 1] at the input size H x W; K = number of contrast classes when several were asked."""
+    """Maps in [0, 1] at the input size H x W, by name (``maps``; also ``explanation.cam`` etc.).
 
-    cam: np.ndarray                 #: [B, H, W] "why P?"
-    contrastive_cam: np.ndarray     #: [B, H, W], or [B, K, H, W] with several Q per image: "why P, rather than Q?"
-    counterfactual_cam: np.ndarray  #: [B, H, W] "what if not P?"
+    Maps that depend on the contrast class have a K axis ([B, K, H, W]) when several Q per image were
+    asked; the others are [B, H, W].
+    """
+
+    maps: dict
+    specs: tuple                    #: MapSpec per map, in the bundle's order
     pred: np.ndarray                #: [B] int64, P
     contrast: np.ndarray            #: [B] or [B, K] int64, Q (runner-up resolved)
     probs: np.ndarray               #: [B, C] softmax
     class_names: list = field(default_factory=list, repr=False)
     empty: dict = field(default_factory=dict, repr=False)  #: map name -> bool mask: raw map all zero (no evidence)
 
+    def __getattr__(self, name: str):
+        maps = self.__dict__.get("maps", {})
+        if name in maps:
+            return maps[name]
+        raise AttributeError(f"Explanation has no map {name!r}; maps: {list(maps)}")
+
     def __len__(self) -> int:
         return len(self.pred)
 
     @property
     def several(self) -> bool:
-        """True when ``contrastive_cam`` has the K axis."""
+        """True when the contrast-dependent maps have the K axis."""
         return self.contrast.ndim == 2
 
     @property
     def pred_names(self) -> list[str]:
         return [self.class_names[i] for i in self.pred]
 
-    def contrast_columns(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """[(Q [B], contrastive map [B, H, W]), ...], one per contrast class: the same view with or without K."""
+    def columns(self, name: str) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        """[(Q [B] or None, map [B, H, W]), ...]: one per contrast class for maps that use Q, else one."""
+        spec = next(s for s in self.specs if s.name == name)
+        if not spec.uses_contrast:
+            return [(None, self.maps[name])]
         if not self.several:
-            return [(self.contrast, self.contrastive_cam)]
-        return [(self.contrast[:, k], self.contrastive_cam[:, k]) for k in range(self.contrast.shape[1])]
-
-
-def _class_index(value, class_names) -> int:
-    if isinstance(value, str):
-        if value not in class_names:
-            raise InputError(f"unknown class name {value!r}; expected one of {list(class_names)}")
-        return list(class_names).index(value)
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"contrast classes must be class indices or names, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def contrast_matrix(contrast, batch: int, class_names) -> tuple[np.ndarray, bool]:
-    """``contrast`` as int64 [B, K] (-1 = runner-up) and whether the caller asked for several per image.
-
-    None, one class for all, one per image ([B]) -> K = 1; a list of lists or a 2-D array [B, K] -> several.
-    """
-    from gradprobe.runtime import validate_contrast
-
-    if isinstance(contrast, np.ndarray) and contrast.ndim == 2 or (
-            isinstance(contrast, (list, tuple)) and contrast
-            and all(isinstance(row, (list, tuple, np.ndarray)) for row in contrast)):
-        rows = [[_class_index(v, class_names) for v in (row.tolist() if isinstance(row, np.ndarray) else row)]
-                for row in contrast]
-        if len(rows) != batch or len({len(row) for row in rows}) != 1 or not rows[0]:
-            raise InputError(f"several contrast classes per image must be {batch} rows of the same length K >= 1 "
-                             f"(one row per image), got row lengths {[len(r) for r in rows]}")
-        matrix = np.array(rows, dtype=np.int64)
-        for column in matrix.T:
-            validate_contrast(column, batch, class_names)  # range check, same message as Probe.run
-        return matrix, True
-    if isinstance(contrast, (list, tuple)):
-        if len(contrast) != batch and batch == 1:
-            raise InputError(f"contrast has {len(contrast)} classes for 1 image; for several contrast classes per "
-                             f"image pass one list per image, e.g. [{list(contrast)!r}]")
-        contrast = np.array([_class_index(v, class_names) for v in contrast], dtype=np.int64)  # names and indices
-    return validate_contrast(contrast, batch, class_names)[:, None], False
+            return [(self.contrast, self.maps[name])]
+        return [(self.contrast[:, k], self.maps[name][:, k]) for k in range(self.contrast.shape[1])]
 
 
 def explain(probe, images, contrast=None) -> Explanation:
-    """The three maps for ``images`` float32 [B, C, H, W] in [0, 1], from one engine call.
+    """Every map for ``images`` float32 [B, C, H, W] in [0, 1], from one engine call.
 
     ``contrast``: None (runner-up), one class index or name for all, one per image, or several per image
-    (list of lists / int array [B, K]; then ``contrastive_cam`` is [B, K, H, W]).
+    (list of lists / int array [B, K]; then the contrast-dependent maps are [B, K, H, W]).
     """
-    from gradprobe.runtime import validate_images
+    from gradprobe.runtime import contrast_matrix
 
-    images = validate_images(images, probe.input_shape)
+    images = probe.engine.validate(images)
     batch, size = len(images), images.shape[2:]
     matrix, several = contrast_matrix(contrast, batch, probe.class_names)
     tiles = matrix.shape[1]
     # tile k holds every image with contrast column k: rows k*B .. (k+1)*B - 1
-    result = probe.run(np.tile(images, (tiles, 1, 1, 1)) if tiles > 1 else images, matrix.T.reshape(-1))
-
-    def finish(raw):  # [N, u, v] -> [N, H, W] in [0, 1]
-        return normalize_maps(upsample(raw, size))
-
-    raw_contrastive = result.contrastive_cam.reshape(tiles, batch, *result.contrastive_cam.shape[1:])
-    contrastive = finish(raw_contrastive.reshape(-1, *raw_contrastive.shape[2:])).reshape(tiles, batch, *size)
-    contrast_class = result.contrast_class.reshape(tiles, batch).T
-    empty = {"cam": ~result.cam[:batch].reshape(batch, -1).any(axis=1),
-             "counterfactual_cam": ~result.counterfactual_cam[:batch].reshape(batch, -1).any(axis=1),
-             "contrastive_cam": ~raw_contrastive.reshape(tiles, batch, -1).any(axis=2).T}
-    if not several:
-        contrast_class, empty["contrastive_cam"] = contrast_class[:, 0], empty["contrastive_cam"][:, 0]
-    return Explanation(cam=finish(result.cam[:batch]),
-                       contrastive_cam=contrastive.transpose(1, 0, 2, 3) if several else contrastive[0],
-                       counterfactual_cam=finish(result.counterfactual_cam[:batch]),
-                       pred=result.pred[:batch], contrast=contrast_class, probs=result.probs[:batch],
+    tiled = np.tile(images, (tiles, 1, 1, 1)) if tiles > 1 else images
+    result = probe.run(tiled, matrix.T.reshape(-1))
+    specs = probe.manifest.classifier.maps
+    maps, empty = {}, {}
+    for spec in specs:
+        raw = result[spec.name].reshape(tiles, batch, *result[spec.name].shape[1:])
+        if not spec.uses_contrast:
+            raw = raw[:1]
+        finished = normalize_maps(upsample(raw.reshape(-1, *raw.shape[2:]), size)).reshape(len(raw), batch, *size)
+        nothing = ~raw.reshape(len(raw), batch, -1).any(axis=2).T          # [B, tiles]
+        if spec.uses_contrast and several:
+            maps[spec.name], empty[spec.name] = finished.transpose(1, 0, 2, 3), nothing
+        else:
+            maps[spec.name], empty[spec.name] = finished[0], nothing[:, 0]
+    contrast_class = result["contrast_class"].reshape(tiles, batch).T
+    return Explanation(maps=maps, specs=tuple(specs), pred=result.pred[:batch],
+                       contrast=contrast_class if several else contrast_class[:, 0], probs=result.probs[:batch],
                        class_names=list(probe.class_names), empty=empty)
 
 
@@ -144,7 +119,7 @@ def read_input(path, input_shape) -> np.ndarray:
     try:
         from PIL import Image
     except ImportError as error:
-        from .errors import BackendUnavailableError
+        from .base.errors import BackendUnavailableError
 
         raise BackendUnavailableError("reading image files needs Pillow: pip install 'gradprobe[viz]'") from error
     with Image.open(path) as image:

@@ -1,43 +1,81 @@
-"""``gradprobe.load(bundle)`` -> ``Probe``: run the probe graph on numpy batches, no torch needed."""
+"""``gradprobe.load(bundle)`` -> a facade over the runtime engine: ``Probe`` for classifier bundles.
+
+A loaded probe is a snapshot of the bundle at load time (graph and detector read once, verified);
+``calibrate`` updates the bundle on disk under its writer lock and this snapshot with it.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .bundle import PROBE, read_manifest
-from .errors import BundleError, InputError
+from .base.bundle import Bundle, open_and_read, update_bundle
+from .base.errors import BundleError, NotFittedError
+from .base.manifest import Manifest
 from .results import ProbeResult
+
+#: manifest kind -> "module:Class" of the facade that runs such bundles.
+FACADES = {"classifier": "gradprobe.probe:Probe"}
+
+
+def _wanted_files(manifest: Manifest) -> list[str]:
+    return [manifest.graph] + ([manifest.detector.file] if manifest.detector else [])
 
 
 class Probe:
-    """A loaded bundle. ``run`` validates inputs once, splits large batches, and joins the outputs."""
+    """A classifier bundle: ``run`` every probe output, ``explain``, ``detect``, ``calibrate``.
 
-    def __init__(self, bundle: str | os.PathLike, *, providers=None, max_batch: int = 256,
-                 threads: int | None = None, spinning: bool = True):
-        from gradprobe.runtime import make_backend
+    ``backend``: a registered runtime backend (``gradprobe.runtime.backend_names()``); other keyword
+    options go to it (ONNX Runtime: ``providers``, ``threads``, ``spinning``). ``max_batch``: larger
+    batches run in chunks of this size.
+    """
 
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.path = Path(bundle)
-        self.manifest = read_manifest(self.path)
-        self.class_names = list(self.manifest["class_names"])
-        self.input_shape = tuple(self.manifest["input"]["shape"][1:])
-        self.max_batch = max_batch
-        self.backend = make_backend(self.path / PROBE, providers, threads=threads, spinning=spinning)
-        declared = list(self.manifest["outputs"])
-        if self.backend.input_names != ["images", "contrast"] or self.backend.output_names[:len(declared)] != declared:
-            raise BundleError(f"{self.path / PROBE} is not the probe graph its manifest describes: inputs "
-                              f"{self.backend.input_names}, outputs {self.backend.output_names}")
+    def __init__(self, bundle: str | os.PathLike, *, backend: str = "onnxruntime", max_batch: int = 256,
+                 **backend_options):
+        from gradprobe.runtime import ProbeEngine, create_backend
+
+        opened, files = open_and_read(bundle, _wanted_files)
+        self.path, self.manifest = opened.path, opened.manifest
+        if self.manifest.kind != "classifier":
+            raise BundleError(f"{self.path} is a {self.manifest.kind!r} bundle; open it with gradprobe.load")
+        self.engine = ProbeEngine(create_backend(backend, files[self.manifest.graph], **backend_options),
+                                  self.manifest, max_batch=max_batch)
+        self._detector = self._read_detector(files)
+
+    def _read_detector(self, files: dict):
+        section = self.manifest.detector
+        if section is None:
+            return None
+        from .detect import DETECTORS
+
+        if section.kind not in DETECTORS:
+            raise BundleError(f"{self.path}: unknown detector kind {section.kind!r}; known: {sorted(DETECTORS)}")
+        detector = DETECTORS[section.kind].load(files[section.file], section.feature_count)
+        return detector
 
     def __repr__(self) -> str:
         return (f"Probe({str(self.path)!r}, input={list(self.input_shape)}, classes={len(self.class_names)}, "
-                f"target_layer={self.manifest['target_layer']['name']!r}, providers={self.backend.providers})")
+                f"target_layer={self.manifest.classifier.target_layer!r}, {self.engine.describe()})")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest.classifier.class_names)
+
+    @property
+    def input_shape(self) -> tuple:
+        """(C, H, W) of one image."""
+        return self.manifest.input.shape
+
+    @property
+    def map_names(self) -> tuple:
+        return tuple(spec.name for spec in self.manifest.classifier.maps)
 
     @property
     def providers(self) -> list[str]:
-        return self.backend.providers
+        return self.engine.describe().get("providers", [])
 
     def run(self, images, contrast=None) -> ProbeResult:
         """Every probe output for ``images`` float32 [B, C, H, W] in [0, 1].
@@ -45,50 +83,63 @@ class Probe:
         ``contrast``: the class Q of the contrastive map: None (runner-up), one index or name for all,
         or one per image.
         """
-        from gradprobe.runtime import validate_contrast, validate_images
+        from gradprobe.runtime import validate_contrast
 
-        images = validate_images(images, self.input_shape)
+        images = self.engine.validate(images)
         contrast = validate_contrast(contrast, len(images), self.class_names)
-        chunks = []
-        for start in range(0, len(images), self.max_batch):
-            stop = start + self.max_batch
-            outputs = self.backend.run({"images": images[start:stop], "contrast": contrast[start:stop]})
-            chunks.append(_complete_layer_grads(outputs, self.manifest.get("layer_grads")))
-        outputs = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
-        return ProbeResult.from_outputs(outputs, self.class_names)
+        return self.result(self.engine.infer(images, {"contrast": contrast}, validated=True))
+
+    def result(self, outputs: dict) -> ProbeResult:
+        return ProbeResult(outputs, tuple(self.class_names), self.map_names)
 
     def explain(self, images, contrast=None):
-        """Grad-CAM, contrastive and counterfactual maps at the input size: see ``gradprobe.explain``."""
+        """Every explanation map at the input size, normalised: see ``gradprobe.explain``."""
         from .explain import explain
 
         return explain(self, images, contrast)
 
-    def calibrate(self, in_dist, ood=None, *, kind: str = "paper", **options):
-        """Fit a detector on gradient features and store it in the bundle: see ``gradprobe.detect``."""
-        from .detect import calibrate
-
-        return calibrate(self, in_dist, ood, kind=kind, **options)
-
     def detect(self, images):
-        """Anomaly scores (higher = more anomalous) with the bundle's calibrated detector."""
-        from .detect import detect
+        """Anomaly scores (higher = more anomalous) and decisions with the bundle's calibrated detector."""
+        from .detect import detection_result, gradient_features
 
-        return detect(self, images)
+        if self._detector is None:
+            raise NotFittedError(f"bundle {self.path} has no calibrated detector: run probe.calibrate(in_dist, ood) "
+                                 f"or `gradprobe calibrate {self.path}` first")
+        section = self.manifest.detector
+        result = self.run(images)
+        features = gradient_features(result, section.features)
+        finite = result.finite & np.isfinite(features).all(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            score = self._detector.score(np.where(finite[:, None], features, 0.0))
+        return detection_result(score, finite, section.threshold, section.kind, result)
+
+    def calibrate(self, in_dist, ood=None, *, kind: str = "paper", tpr: float = 0.95, seed: int = 0,
+                  description: dict | None = None, **options):
+        """Fit a detector on gradient features and store it in the bundle (see ``gradprobe.detect``).
+
+        Returns the detector's manifest section. Other processes see it when they next load the bundle.
+        """
+        from .detect import fit_detector
+
+        section, detector, data = fit_detector(self, in_dist, ood, kind=kind, tpr=tpr, seed=seed,
+                                               description=description, **options)
+        self.manifest = update_bundle(self.path, lambda current: dataclasses.replace(current, detector=section),
+                                      {section.file: data})
+        self._detector = detector
+        return section
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _complete_layer_grads(outputs: dict, layer_grads: dict | None) -> dict:
-    """Fill the conv-weight norms the graph left to the kernels (direct form, from the taps), drop the taps."""
-    if not layer_grads:
-        return outputs
-    from gradprobe.kernels import ConvSpec, conv_weight_sqnorm
-
-    for tap in layer_grads["taps"]:
-        x, grad = outputs.pop(tap["input"]), outputs.pop(tap["grad"])
-        spec = ConvSpec.from_dict(tap["conv"])
-        outputs["layer_grad_sqnorm"][:, tap["column"]] = conv_weight_sqnorm(x, grad, spec, form="direct")
-    return outputs
-
-
-def load(bundle: str | os.PathLike, *, providers=None, **options) -> Probe:
-    """Open a bundle written by ``gradprobe.export``; ``providers`` as in ONNX Runtime (default CPU)."""
-    return Probe(bundle, providers=providers, **options)
+def load(bundle: str | os.PathLike, **options):
+    """Open a bundle written by ``gradprobe.export`` with the facade its kind needs (``Probe`` for classifiers)."""
+    kind = Bundle.open(bundle).manifest.kind
+    module_name, class_name = FACADES[kind].split(":")
+    return getattr(importlib.import_module(module_name), class_name)(Path(bundle), **options)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BackendUnavailableError
-from .fileio import atomic_path
+from .base.errors import BackendUnavailableError
+from .base.fileio import atomic_path
 
 
 def _interpolation_matrix(source: int, target: int) -> np.ndarray:
@@ -55,17 +55,19 @@ def _probability(value: float) -> str:
 
 def explanation_figure(images: np.ndarray, explanation, path: str | os.PathLike, *, row_names=None,
                        labels=None, title: str | None = None, alpha: float = 0.5) -> Path:
-    """Write a PNG for an ``Explanation``: one row per image - input, Grad-CAM, one contrastive map per Q,
-    counterfactual - as jet overlays, with class names and probabilities in the titles.
+    """Write a PNG for an ``Explanation``: one row per image - the input, then every map of the bundle (one
+    panel per contrast class Q for the maps that use Q) as jet overlays, captioned with the map's question,
+    class names and probabilities.
 
     ``row_names`` (optional) heads each row, e.g. the file name; ``labels`` marks wrong predictions in red.
     """
     plt = _pyplot()
     names, probs = explanation.class_names, explanation.probs
-    columns = explanation.contrast_columns()
-    count = len(images)
-    figure, axes = plt.subplots(count, 3 + len(columns), figsize=(2.1 * (3 + len(columns)),
-                                2.35 * count + (0.5 if title else 0)), squeeze=False)
+    panels_per_row = [(spec, q, maps, k) for spec in explanation.specs
+                      for k, (q, maps) in enumerate(explanation.columns(spec.name))]
+    count, columns = len(images), 1 + len(panels_per_row)
+    figure, axes = plt.subplots(count, columns, figsize=(2.1 * columns, 2.35 * count + (0.5 if title else 0)),
+                                squeeze=False)
     for row in range(count):
         p = int(explanation.pred[row])
         pred = f"{names[p]} ({_probability(probs[row, p])})"
@@ -73,14 +75,12 @@ def explanation_figure(images: np.ndarray, explanation, path: str | os.PathLike,
         wrong = labels is not None and labels[row] != p
         if labels is not None:
             heading += f"\ntrue: {names[labels[row]]}"
-        empty = {kind: np.asarray(mask)[row] for kind, mask in explanation.empty.items()}
-        contrastive_empty = np.atleast_1d(empty.get("contrastive_cam", np.zeros(len(columns), bool)))
-        panels = [(None, False, heading), (explanation.cam[row], empty.get("cam", False), f"why {pred}?")]
-        for k, (q, maps) in enumerate(columns):
-            panels.append((maps[row], contrastive_empty[k],
-                           f"why {names[p]},\nrather than {names[q[row]]} ({_probability(probs[row, q[row]])})?"))
-        panels.append((explanation.counterfactual_cam[row], empty.get("counterfactual_cam", False),
-                       f"what if not {names[p]}?"))
+        panels = [(None, False, heading)]
+        for spec, q, maps, k in panels_per_row:
+            empty = np.asarray(explanation.empty.get(spec.name, np.zeros(count, bool)))[row]
+            contrast = "" if q is None else f"{names[q[row]]} ({_probability(probs[row, q[row]])})"
+            panels.append((maps[row], bool(np.atleast_1d(empty)[k if q is not None else 0]),
+                           spec.question.format(P=pred if q is None else names[p], Q=contrast)))
         for column, (overlay, is_empty, text) in enumerate(panels):
             axis = axes[row, column]
             axis.imshow(images[row].mean(axis=0), cmap="gray", vmin=0, vmax=1)

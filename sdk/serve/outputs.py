@@ -1,8 +1,9 @@
 """The one adapter between probe results and named arrays, shared by the Triton server and Ray scoring.
 
 Every place in ``gradprobe.serve`` that needs an output's name, dtype or shape goes through
-``probe_outputs``; dtypes and per-image shapes are read off the arrays it returns (``output_specs``),
-so a change in how results expose their outputs is absorbed here and nowhere else.
+``probe_outputs``; dtypes and per-image shapes are read off the arrays it returns (``output_specs``).
+The names come from the bundle itself (``ProbeResult.as_dict()``, ``Explanation.maps``), so a new graph
+output or a new map in the maps table is served and written without a change here.
 """
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ def probe_outputs(result, detection=None, explanation=None) -> dict[str, np.ndar
     """``{name: array [B, ...]}``: every output of ``result`` (a ``ProbeResult``), then the detector's
     score and decision when ``detection`` is given, then the normalised maps (``cam_map``, ...) when
     ``explanation`` is."""
-    arrays = {name: value for name, value in vars(result).items()
-              if isinstance(value, np.ndarray)}
+    arrays = result.as_dict()
     if detection is not None:
         arrays["detector_score"] = np.asarray(detection.score)
         arrays["is_anomalous"] = np.asarray(detection.is_anomalous, dtype=bool)
     if explanation is not None:
-        arrays.update({f"{name}{MAP_SUFFIX}": getattr(explanation, name)
-                       for name in ("cam", "contrastive_cam", "counterfactual_cam")})
+        arrays.update({f"{name}{MAP_SUFFIX}": maps for name, maps in explanation.maps.items()})
     return arrays
 
 

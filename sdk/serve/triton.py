@@ -84,10 +84,11 @@ def check_stub_interpreter() -> None:
 
 
 def _check(probe, images, contrast):
-    """gradprobe's own input checks for one request, without running the engine (InputError on failure)."""
-    from gradprobe.runtime import validate_contrast, validate_images
+    """gradprobe's own input checks for one request, without running the engine (InputError on failure):
+    the engine's image check (shape, dtype, finite, the bundle's value range) and the class check."""
+    from gradprobe.runtime import validate_contrast
 
-    validate_images(images, probe.input_shape)
+    probe.engine.validate(images)
     validate_contrast(contrast, len(images), probe.class_names)
 
 

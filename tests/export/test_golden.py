@@ -53,6 +53,10 @@ def test_hand_computed_maps(tiny_probe):
     np.testing.assert_allclose(result.cam[0], cam, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result.counterfactual_cam[0], counterfactual, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(result.contrastive_cam[0], contrastive, rtol=1e-5, atol=1e-7)
+    # Grad-CAM++: g = W_P / 16 = (0.125, -0.0625) everywhere; sum_uv A = (12, 4); only channel 0 has ReLU(g) > 0:
+    # a = g^2 / (2 g^2 + 12 g^3 + 1e-6), w_0 = 16 * 0.125 * a, map = w_0 * x
+    a = 0.125**2 / (2 * 0.125**2 + 12 * 0.125**3 + 1e-6)
+    np.testing.assert_allclose(result.gradcam_pp[0], 2 * a * IMAGE, rtol=1e-5, atol=1e-7)
 
 
 def test_hand_computed_gradient_norms(tiny_probe):

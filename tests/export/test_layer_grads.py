@@ -8,10 +8,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import gradprobe
-from gradprobe.errors import ExportError
+from gradprobe import ExportError
 from gradprobe.export.parity import ABSOLUTE_FLOOR, RELATIVE
 
-from ..conftest import REFERENCE_MODELS, make_model
+from ..reference_models import REFERENCE_MODELS, make_model
 
 
 def vmap_sqnorms(model, images, normalize, names, loss="bce", dtype=torch.float32):
@@ -49,8 +49,8 @@ def deep_exported(tmp_path_factory, fmnist_test):
 
 def _check(model, probe, images, loss="bce"):
     manifest = probe.manifest
-    normalize = (manifest["input"]["normalize"]["mean"], manifest["input"]["normalize"]["std"])
-    names = manifest["layer_grads"]["names"]
+    normalize = (manifest.input.mean, manifest.input.std)
+    names = list(manifest.classifier.layer_grads.names)
     assert names == [n for n, _ in model.named_parameters()]
     result = probe.run(images)
     ours = result.layer_grad_sqnorm
@@ -73,7 +73,8 @@ def test_layer_grads_match_vmap(name, batch, deep_exported, fmnist_test):
     images = fmnist_test[0][np.random.default_rng(batch).choice(10000, batch, replace=False)]
     result = _check(model, probe, images)
     # the last Linear's entries are the closed-form confounding_grad_sqnorm
-    fc_columns = [probe.manifest["layer_grads"]["names"].index(f"{probe.manifest['head']['linear']}.{p}")
+    section = probe.manifest.classifier
+    fc_columns = [section.layer_grads.names.index(f"{section.linear}.{p}")
                   for p in ("weight", "bias")]
     np.testing.assert_allclose(result.layer_grad_sqnorm[:, fc_columns], result.confounding_grad_sqnorm, rtol=1e-5)
 
@@ -82,7 +83,7 @@ def test_resnet18_layout_has_62_entries(deep_exported, fmnist_test):
     torch.manual_seed(0)
     model = gradprobe.models.build_model("resnet18").eval()
     _, probe = deep_exported(model)
-    assert len(probe.manifest["layer_grads"]["names"]) == 62
+    assert len(probe.manifest.classifier.layer_grads.names) == 62
     _check(model, probe, fmnist_test[0][:3])
 
 
@@ -120,7 +121,8 @@ def test_conv_zoo(loss, deep_exported, fmnist_test):
         model.bn1.running_mean.uniform_(-0.2, 0.2)
         model.bn1.running_var.uniform_(0.5, 1.5)
     _, probe = deep_exported(model, confounding=loss)
-    forms = dict(zip(probe.manifest["layer_grads"]["names"], probe.manifest["layer_grads"]["forms"]))
+    layer_grads = probe.manifest.classifier.layer_grads
+    forms = dict(zip(layer_grads.names, layer_grads.forms))
     assert forms["conv5.weight"] == "gram" and forms["conv2.weight"] == "tap" and forms["conv1.bias"] == "closed"
     for batch in (1, 5, 64):
         _check(model, probe, fmnist_test[0][:batch], loss)

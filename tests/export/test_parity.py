@@ -10,7 +10,7 @@ import gradprobe
 from gradprobe.export.parity import RELATIVE, parity_errors
 from gradprobe.export.reference import ResearchReference
 
-from ..conftest import REFERENCE_MODELS
+from ..reference_models import REFERENCE_MODELS
 
 
 def _inputs(kind: str, batch: int, fmnist_test):
@@ -36,7 +36,7 @@ def test_ort_matches_autograd(name, batch, kind, exported, fmnist_test):
     contrast = _contrast(batch, len(probe.class_names))
     ours = probe.run(images, contrast)
     reference = ResearchReference.for_bundle(model, manifest).run(images, contrast)
-    errors = parity_errors(vars(ours), reference)
+    errors = parity_errors(ours.as_dict(), reference)
     print(json.dumps({"model": name, "batch": batch, "inputs": kind, "errors": errors}))
     assert errors["pred"] == 0 and errors["contrast_class"] == 0, errors
     failing = {k: v for k, v in errors.items() if v > RELATIVE}

@@ -4,7 +4,7 @@ import pytest
 
 from gradprobe.export.tensorrt_ops import tensorrt_incompatibilities
 
-from ..conftest import REFERENCE_MODELS
+from ..reference_models import REFERENCE_MODELS
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)

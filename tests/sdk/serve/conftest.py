@@ -20,6 +20,7 @@ MAX_BATCH = 16
 @pytest.fixture(scope="session")
 def serve_bundle(tmp_path_factory, fmnist_test):
     """The shipped model, exported and calibrated with the no-OOD detector, so detector outputs are served."""
+    pytest.importorskip("torch", reason="exporting the test bundle needs torch (the [export] extra)")
     images, _ = fmnist_test
     path = tmp_path_factory.mktemp("serve") / "bundle"
     gradprobe.export(gradprobe.models.load_pretrained("resnet-fmnist"), images[:4], path)

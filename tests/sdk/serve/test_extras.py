@@ -55,14 +55,15 @@ def test_import_loads_no_serving_stack():
     assert out.strip() == "[]"
 
 
-def test_output_adapter_names_every_output(exported, fmnist_test):
+def test_output_adapter_names_every_output(serve_bundle, fmnist_test):
     from gradprobe.serve.outputs import output_specs, probe_outputs
 
-    _, bundle = exported("pretrained")
-    probe = gradprobe.load(bundle)
+    probe = gradprobe.load(serve_bundle)
     images = fmnist_test[0][:3]
     arrays = probe_outputs(probe.run(images), None, probe.explain(images))
     assert {"logits", "probs", "pred", "confounding_grad_sqnorm", "cam", "cam_map"} <= set(arrays)
     assert all(len(a) == 3 for a in arrays.values())
     specs = output_specs(probe, maps=True)
     assert specs["pred"] == (np.dtype(np.int64), ()) and specs["cam_map"][1] == (28, 28)
+    assert {f"{name}_map" for name in probe.map_names} <= set(specs)  # every map of the bundle's table
+    assert {"detector_score", "is_anomalous"} <= set(specs)

@@ -1,0 +1,288 @@
+"""``gradprobe.export(model, example, path)`` in six steps: prepare, trace, build, export, verify, write.
+
+- prepare: check the arguments, put the model in eval mode, settle normalisation and class names;
+- trace: torch.fx graph of the model, its target layer and last Linear (``graph.trace``);
+- build: the probe module (forward + probing losses' backward as forward ops), run once so a layer
+  without a backward rule is named now;
+- export: ``torch.onnx.export(dynamo=True)`` with a symbolic batch, checked against TensorRT's parser;
+- verify: the exported graph through the runtime's engine beside the torch module, on the same inputs;
+- write: the bundle, atomically, with its typed manifest.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import gradprobe
+from gradprobe.base.bundle import write_bundle
+from gradprobe.base.errors import ExportError, InputError
+from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, InputSpec, LayerGrads, Manifest,
+                                     ModelInfo, Tap, TensorSpec)
+
+from .backward import check_head
+from .graph import ProbeGraph, trace
+from .layer_grads import plan as layer_plan
+from .parity import parity_errors
+from .probe_module import OrderedOutputs, ProbeModule
+from .tensorrt_ops import tensorrt_incompatibilities
+
+log = logging.getLogger("gradprobe.export")
+
+#: Largest difference between ONNX Runtime and the eager probe module accepted at export, relative to
+#: each output's largest value.
+VERIFY_TOLERANCE = 1e-3
+GRAPH_FILE = "probe.onnx"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Prepared:
+    """The checked arguments of one export."""
+
+    model: nn.Module
+    example: torch.Tensor       # [N, C, H, W] in [0, 1]
+    mean: list
+    std: list
+
+    def normalized(self) -> torch.Tensor:
+        return (self.example - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------- prepare
+def _example_tensor(example) -> torch.Tensor:
+    if isinstance(example, np.ndarray):
+        example = torch.from_numpy(np.ascontiguousarray(example))
+    if not isinstance(example, torch.Tensor):
+        raise InputError(f"example_input must be a torch.Tensor or numpy array [N, C, H, W], "
+                         f"got {type(example).__name__}")
+    if example.dim() != 4 or example.shape[0] == 0:
+        raise InputError(f"example_input must have shape [N, C, H, W] with N >= 1, got {list(example.shape)}")
+    if not example.is_floating_point():
+        raise InputError(f"example_input must be float images in [0, 1], got dtype {example.dtype}")
+    if not torch.isfinite(example).all():
+        raise InputError("example_input contains NaN or Inf")
+    return example.detach().float().cpu().clamp(0, 1)
+
+
+def _normalization(model: nn.Module, normalize, channels: int):
+    if normalize is None:
+        normalize = getattr(model, "input_normalization", None)
+    if normalize is None:
+        return [0.0] * channels, [1.0] * channels
+    try:
+        mean, std = (np.broadcast_to(np.asarray(v, dtype=np.float64).ravel(), (channels,)) for v in normalize)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"normalize must be (mean, std) with 1 or {channels} values each, got {normalize!r}") from error
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise InputError(f"normalize needs finite means and positive stds, got {normalize!r}")
+    return mean.tolist(), std.tolist()
+
+
+def prepare(model, example_input, normalize) -> Prepared:
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    example = _example_tensor(example_input)
+    mean, std = _normalization(model, normalize, example.shape[1])
+    return Prepared(model, example, mean, std)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- build
+def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str):
+    """The probe module, its layer-norm plan and the outputs of one eager run on the example."""
+    if confounding not in CONFOUNDING_LOSSES:
+        raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
+    norms = layer_plan(prepared.model, graph) if layer_grads else None
+    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding).eval()
+    with torch.no_grad():
+        check_head(graph, probe.run_graph(prepared.normalized()))
+        example = prepared.example[:2]
+        outputs = probe(example, torch.full((len(example),), -1))  # ExportError names a layer without a rule
+    return probe, norms, outputs
+
+
+def _export_batch(example: torch.Tensor, classes: int) -> int:
+    """An example batch size equal to no other dimension: otherwise the exporter silently fixes the batch."""
+    taken = set(example.shape[1:]) | {classes}
+    return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
+
+
+def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export and verification inputs: the examples, cycled and jittered, and every contrast class."""
+    batch = _export_batch(example, classes)
+    images = example[torch.arange(batch) % example.shape[0]].clone()
+    images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
+    return images.clamp_(0, 1), contrast
+
+
+# -------------------------------------------------------------------------------------------- export
+def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
+            opset: int | None) -> tuple[bytes, list[str]]:
+    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=names,
+                  dynamic_shapes=({0: batch}, {0: batch}), external_data=False, verbose=False)
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops we never use
+    try:
+        with tempfile.TemporaryDirectory(prefix="gradprobe-export-") as folder, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            path = Path(folder) / GRAPH_FILE
+            torch.onnx.export(OrderedOutputs(probe, names), (images, contrast), str(path), **kwargs)
+            data = path.read_bytes()
+    except Exception as error:
+        raise ExportError(f"torch.onnx.export failed on the probe graph: {type(error).__name__}: "
+                          f"{str(error)[:2000]}") from error
+    finally:
+        torch_onnx_log.setLevel(level)
+    model = onnx.load_from_string(data)
+    for tensor in model.graph.input:
+        first = tensor.type.tensor_type.shape.dim[0]
+        if not first.dim_param:
+            raise ExportError(f"the exported input {tensor.name!r} has a fixed batch of {first.dim_value}; "
+                              "the batch dimension must be symbolic")
+    problems = tensorrt_incompatibilities(model)
+    if problems:
+        warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)
+    return data, problems
+
+
+# -------------------------------------------------------------------------------------------- verify
+def complete_with_kernels(outputs: dict, manifest: Manifest) -> dict:
+    """Torch-side outputs as numpy with the tap columns completed, as the runtime engine does it."""
+    from gradprobe import kernels
+
+    arrays = {name: value.detach().numpy() for name, value in outputs.items()}
+    layer_grads = manifest.classifier.layer_grads
+    for tap in layer_grads.taps if layer_grads else ():
+        kernels.write_tap_column(arrays["layer_grad_sqnorm"], tap.column, arrays.pop(tap.input),
+                                 arrays.pop(tap.grad), tap.conv)
+    return arrays
+
+
+def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
+           contrast: torch.Tensor) -> dict:
+    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE."""
+    from gradprobe.base.errors import BackendUnavailableError
+    from gradprobe.runtime import ProbeEngine, create_backend
+
+    try:
+        engine = ProbeEngine(create_backend("onnxruntime", graph), manifest)
+    except BackendUnavailableError:
+        warnings.warn("onnxruntime is not installed: the exported probe graph was not verified "
+                      "(pip install 'gradprobe[cpu]')", stacklevel=3)
+        return {}
+    try:
+        got = engine.infer(images.numpy(), {"contrast": contrast.numpy()})
+    finally:
+        engine.close()
+    with torch.no_grad():
+        expected = complete_with_kernels(probe(images, contrast), manifest)
+    errors = parity_errors(got, expected, floor=1e-12, per_output=True)
+    bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and expected[k].dtype.kind == "f"}
+    if bad:
+        raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad}")
+    return errors
+
+
+# --------------------------------------------------------------------------------------------- write
+def describe(prepared: Prepared, graph: ProbeGraph, probe: ProbeModule, outputs: dict, norms, confounding: str,
+             class_names: list[str], weights: str | None) -> Manifest:
+    """The typed manifest of the bundle about to be written."""
+    model, example = prepared.model, prepared.example
+    layer_grads = None
+    if norms:
+        layer_grads = LayerGrads(confounding, tuple(entry.name for entry in norms),
+                                 tuple(entry.form for entry in norms),
+                                 tuple(Tap(column, f"tap_input_{column}", f"tap_grad_{column}", entry.spec)
+                                       for column, entry in enumerate(norms) if entry.form == "tap"))
+    target_shape = tuple(outputs[probe.maps[0].name].shape[1:])
+    section = ClassifierSection(
+        class_names=tuple(class_names), target_layer=graph.target_name,
+        target_shape=(int(graph.target.meta["tensor_meta"].shape[1]), *target_shape), linear=graph.linear_name,
+        features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads)
+    config = getattr(model, "config", None)
+    return Manifest(
+        kind="classifier",
+        input=InputSpec(tuple(example.shape[1:]), (0.0, 1.0), tuple(prepared.mean), tuple(prepared.std)),
+        graph=GRAPH_FILE,
+        inputs=(TensorSpec("images", "float32", ("B", *example.shape[1:]), "images in [0, 1], normalised inside"),
+                TensorSpec("contrast", "int64", ("B",), "class Q of the contrastive map; -1 = the runner-up")),
+        outputs=tuple(probe.output_specs(outputs)), section=section,
+        model=ModelInfo(type(model).__name__, int(sum(p.numel() for p in model.parameters())), weights,
+                        config if isinstance(config, dict) else None),
+        files={}, gradprobe_version=gradprobe.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, bytes]:
+    """Reference models (with a ``config``) ship their weights, for benchmarks and re-export."""
+    config = getattr(model, "config", None)
+    if not (isinstance(config, dict) and "arch" in config):
+        return {}
+    from .checkpoint import checkpoint_bytes
+
+    return {WEIGHTS_FILE: checkpoint_bytes(model, normalize=[prepared.mean, prepared.std], class_names=class_names)}
+
+
+def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
+                  class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
+                  opset: int | None = None) -> Path:
+    """Export ``model`` with its probe graph as a bundle directory at ``path``; returns the path.
+
+    ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
+    ``target_layer``: module name whose output the maps explain (default: last convolutional stage).
+    ``class_names``: one per logit (default: ``model.class_names`` or "0".."C-1").
+    ``normalize``: (mean, std) applied inside the graph (default: ``model.input_normalization``).
+    ``layer_grads``: also output ``layer_grad_sqnorm`` [B, P], every parameter tensor's per-sample
+    gradient norm for the all-ones ``confounding`` label ("bce" on the logits, or "softmax").
+    Nothing is left behind on failure; an existing bundle at ``path`` is replaced whole.
+    """
+    prepared = prepare(model, example_input, normalize)
+    with _eval_mode(model):
+        graph = trace(model, prepared.normalized(), target_layer)
+        probe, norms, outputs = build(prepared, graph, layer_grads, confounding)
+        classes = int(outputs["logits"].shape[1])
+        names = [str(n) for n in (class_names if class_names is not None else
+                                  getattr(model, "class_names", range(classes)))]
+        if len(names) != classes:
+            raise InputError(f"class_names has {len(names)} entries but the model has {classes} classes")
+        weights = _weights(model, prepared, names)
+        manifest = describe(prepared, graph, probe, outputs, norms, confounding, names,
+                            WEIGHTS_FILE if weights else None)
+        images, contrast = probe_inputs(prepared.example, classes)
+        graph_bytes, problems = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast, opset)
+        errors = verify(graph_bytes, manifest, probe, images, contrast)
+    manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
+                            "verified_against_torch": errors, "verify_tolerance": VERIFY_TOLERANCE,
+                            "tensorrt_problems": problems})
+    write_bundle(path, manifest, {GRAPH_FILE: graph_bytes, **weights})
+    log.info("exported %s to %s (target layer %s)", type(model).__name__, path, graph.target_name)
+    return Path(path)

@@ -1,0 +1,76 @@
+"""``ProbeEngine``: a backend running a bundle's probe graph, in chunks, with the per-layer norms completed.
+
+The engine is what every caller runs a graph through (the SDK facade, the export's verification, the
+benchmarks): it checks the graph against the manifest once, validates each call's inputs once, splits
+large batches, and fills the conv-weight norms the graph left to the kernels from the taps it emits —
+with the numpy kernels for host arrays and the CUDA kernels for device arrays — then drops the taps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gradprobe.base.errors import BundleError, InputError
+from gradprobe.base.manifest import Manifest
+
+from .backend import Backend
+from .validate import validate_images
+
+
+class ProbeEngine:
+    """Runs ``backend`` for ``manifest``: ``infer(images, feeds) -> {output name: array}``."""
+
+    def __init__(self, backend: Backend, manifest: Manifest, *, max_batch: int = 256):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.backend, self.manifest, self.max_batch = backend, manifest, max_batch
+        declared_in = [spec.name for spec in manifest.inputs]
+        declared_out = [spec.name for spec in manifest.outputs]
+        if backend.input_names != declared_in or backend.output_names != declared_out:
+            raise BundleError(f"the graph is not the one its manifest describes: inputs {backend.input_names} "
+                              f"(manifest {declared_in}), outputs {backend.output_names[:12]} "
+                              f"(manifest {declared_out[:12]})")
+        self.taps = manifest.classifier.layer_grads.taps if manifest.kind == "classifier" and \
+            manifest.classifier.layer_grads else ()
+        self.output_names = [name for name in declared_out
+                             if name not in {n for tap in self.taps for n in (tap.input, tap.grad)}]
+
+    def validate(self, images) -> np.ndarray:
+        return validate_images(images, self.manifest.input.shape, self.manifest.input.range)
+
+    def infer(self, images, feeds: dict | None = None, *, validated: bool = False) -> dict[str, np.ndarray]:
+        """Every output but the taps, for ``images`` (validated here unless ``validated``) and the graph's
+        other inputs in ``feeds`` (one row per image)."""
+        images = images if validated else self.validate(images)
+        feeds = feeds or {}
+        for name, value in feeds.items():
+            if len(value) != len(images):
+                raise InputError(f"{name} has {len(value)} rows for {len(images)} images")
+        chunks = []
+        for start in range(0, len(images), self.max_batch):
+            part = {"images": images[start:start + self.max_batch],
+                    **{name: value[start:start + self.max_batch] for name, value in feeds.items()}}
+            chunks.append(self._complete(self.backend.infer(part)))
+        if len(chunks) == 1:
+            return chunks[0]
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+    def _complete(self, outputs: dict) -> dict:
+        if not self.taps:
+            return outputs
+        from gradprobe import kernels
+
+        for tap in self.taps:
+            x, grad = outputs.pop(tap.input), outputs.pop(tap.grad)
+            spec = tap.conv
+            if x.shape[1] != spec.in_channels or grad.shape[1] != spec.out_channels or \
+                    tuple(grad.shape[2:]) != spec.output_size(*x.shape[2:]):
+                raise BundleError(f"tap {tap.input}/{tap.grad} of shape {list(x.shape)}/{list(grad.shape)} does not "
+                                  f"fit its convolution {spec} in the manifest")
+            kernels.write_tap_column(outputs["layer_grad_sqnorm"], tap.column, x, grad, spec)
+        return outputs
+
+    def describe(self) -> dict:
+        return self.backend.describe()
+
+    def close(self) -> None:
+        self.backend.close()
