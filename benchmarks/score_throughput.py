@@ -78,27 +78,33 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report) -> str:
+    runs, summary = report["runs"], report["mean"]
     lines = ["# `gradprobe score`: Ray Data throughput, 1 vs 2 Probe actors (local Ray, 2 CPUs)", "",
-             f"Written by `benchmarks/score_throughput.py`: {len(images)} Fashion-MNIST images in {args.files} .npy "
-             f"files, batch {args.batch}, each actor one ONNX Runtime thread; end to end per run (reading, actor "
-             f"start-up, scoring, Parquet), runs alternated over {args.rounds} rounds on a 2-core machine shared "
-             "with other work. Start-up = time to the first scored batch (Ray workers, actors loading the bundle, "
-             "the first read); steady = images / (time after the first output).", "",
-             "| what | end to end img/s | start-up s | steady img/s | end to end, per round |",
-             "|---|---|---|---|---|"]
+             f"Written by `benchmarks/score_throughput.py`: {report['images']} Fashion-MNIST images in "
+             f"{report['files']} .npy files, batch {report['batch']}, each actor one ONNX Runtime thread; end to end "
+             "per run (reading, actor start-up, scoring, Parquet), runs alternated on a 2-core machine shared with "
+             "other work (load average at the end of each run in the last column). Start-up = time to the first "
+             "scored batch (Ray workers, actors loading the bundle, the first read); steady = images / (time after "
+             "the first output).", "",
+             "| what | end to end img/s | start-up s | steady img/s | end to end, per round | load avg |",
+             "|---|---|---|---|---|---|"]
 
     def cell(value, form):
         return "" if value is None else format(value, form)
 
     for what, values in summary.items():
         per = ", ".join(f"{r['images_per_s']:.0f}" for r in runs if r["what"] == what)
+        load = ", ".join(f"{r['loadavg']:.0f}" for r in runs if r["what"] == what)
         lines.append(f"| {what} | {values['images_per_s']:.0f} | {cell(values['startup_s'], '.1f')} | "
-                     f"{cell(values['steady_images_per_s'], '.0f')} | {per} |")
+                     f"{cell(values['steady_images_per_s'], '.0f')} | {per} | {load} |")
     lines += ["", f"2 actors / 1 actor: **{report['two_vs_one_actor']:.2f}x** end to end, "
               f"**{report['two_vs_one_actor_steady']:.2f}x** steady", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
