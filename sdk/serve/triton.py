@@ -4,7 +4,8 @@ Triton does the serving (HTTP and gRPC endpoints, health and readiness, dynamic 
 queueing); this module only binds ``Probe`` to it. Model ``gradprobe`` (``--model-name``):
 
 - inputs ``images`` float32 [-1, C, H, W] in [0, 1]; optional ``contrast`` int64 [-1, 1] (-1 = runner-up);
-  optional ``maps`` bool [-1, 1]: true rows also get the normalised maps (``Probe.explain``).
+  optional ``maps`` bool [-1, 1]: a request with a true row also gets the normalised maps (``Probe.explain``,
+  computed for the true rows only; its other rows get zero maps).
 - outputs every probe output, ``detector_score`` / ``is_anomalous`` when the bundle is calibrated, and
   ``cam_map`` / ``contrastive_cam_map`` / ``counterfactual_cam_map`` [H, W]; per-image scalars come as [-1, 1].
 
@@ -136,7 +137,7 @@ def make_infer(probe, calibrated: bool, outputs: dict):
                     arrays[name] = np.zeros((len(images), *maps.shape[1:]), maps.dtype)
                     arrays[name][rows] = maps
         responses, start = [], 0
-        for request, size, in zip(requests, sizes):
+        for request, size in zip(requests, sizes):
             stop = start + size
             asked = set(request.requested_output_names or outputs)
             answer = {name: array[start:stop].reshape(size, *outputs[name][1]).astype(outputs[name][0], copy=False)
