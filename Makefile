@@ -54,3 +54,4 @@ clean:
 	rm -rf $(VENV) $(RUNTIME_VENV) $(TEST_BUNDLES) gradprobe-demo .pytest_cache .benchmarks
 
 -include benchmarks/peers.mk
+-include serve.mk

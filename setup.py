@@ -6,6 +6,8 @@ CPU = ["onnxruntime>=1.20"]
 KERNELS = ["cuda-python>=12", "nvidia-cuda-nvrtc>=12"]  # compiles the CUDA kernels, even without a GPU
 GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
 VIZ = ["matplotlib>=3.7"]
+SERVE = ["nvidia-pytriton>=0.7", "tritonclient[grpc,http]>=2.50"]  # Triton Inference Server + clients
+SCALE = ["ray[data]>=2.50", "pyarrow>=17", "pillow>=10"]  # batch scoring on Ray Data, Parquet out
 TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
 
 setup(
@@ -15,8 +17,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gradprobe", "gradprobe.base", "gradprobe.data", "gradprobe.detect", "gradprobe.export", "gradprobe.runtime",
-              "gradprobe.kernels"],
+    packages=["gradprobe", "gradprobe.base", "gradprobe.data", "gradprobe.detect", "gradprobe.serve", "gradprobe.export",
+              "gradprobe.runtime", "gradprobe.kernels"],
     package_dir={"gradprobe": "sdk", "gradprobe.export": "export",
                  "gradprobe.runtime": "runtime", "gradprobe.kernels": "kernels"},
     package_data={"gradprobe": ["pretrained/*.safetensors"], "gradprobe.kernels": ["cuda/*.cu"]},
@@ -27,6 +29,8 @@ setup(
         "gpu": GPU,
         "kernels": KERNELS,
         "viz": VIZ,
+        "serve": SERVE,
+        "scale": SCALE,
         "test": TEST,
         "dev": EXPORT + CPU + TEST + KERNELS,
     },
