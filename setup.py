@@ -6,7 +6,7 @@ CPU = ["onnxruntime>=1.20"]
 KERNELS = ["cuda-python>=12", "nvidia-cuda-nvrtc>=12"]  # compiles the CUDA kernels, even without a GPU
 GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
 VIZ = ["matplotlib>=3.7"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
+TEST = ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.1", "hypothesis>=6.100", "scikit-learn>=1.3"] + VIZ
 
 setup(
     name="gradprobe",

@@ -1,6 +1,7 @@
 """A bundle directory on disk: read it without trusting it, write it atomically, update it under a lock.
 
-``Bundle.open(path)`` validates the manifest and the listed files' presence; ``bundle.read(name)``
+``Bundle.open(path)`` validates the manifest and checks every listed file (a regular file of the listed
+size, never a symlink, FIFO or folder; one ``lstat`` each); ``bundle.read(name)``
 returns a file's bytes after checking its size and sha256 (read once, so what was checked is what
 is used). ``write_bundle`` creates or replaces a whole bundle; ``update_bundle`` changes one in place
 (calibration) without ever leaving it unloadable.
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BundleError
-from .fileio import atomic_directory, atomic_write_bytes, read_confined, writer_lock
+from .fileio import atomic_directory, atomic_write_bytes, check_confined, read_confined, writer_lock
 from .manifest import MANIFEST, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, FileRecord, Manifest
 
 #: A reader that meets a bundle mid-update (a listed file just replaced) retries this often.
@@ -34,7 +35,7 @@ def file_record(data: bytes) -> FileRecord:
 def _parse_manifest(raw: bytes, where: Path) -> Manifest:
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=lambda name: name)  # NaN/Infinity stay strings
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, 4300+ digit integers
         raise BundleError(f"{where / MANIFEST} is not valid JSON ({str(error)[:200]}); the bundle is corrupt") from error
     try:
         return Manifest.from_json(data)
@@ -60,7 +61,10 @@ class Bundle:
                               f"{MANIFEST} and its graph, written by gradprobe.export")
         if not (path / MANIFEST).exists() and not (path / MANIFEST).is_symlink():
             raise BundleError(f"bundle {path} has no {MANIFEST}: it is incomplete or not a gradprobe bundle")
-        return cls(path, _parse_manifest(read_confined(path, MANIFEST, max_bytes=MAX_MANIFEST_BYTES), path))
+        manifest = _parse_manifest(read_confined(path, MANIFEST, max_bytes=MAX_MANIFEST_BYTES), path)
+        for name, record in manifest.files.items():
+            check_confined(path, name, max_bytes=MAX_FILE_BYTES, expected_bytes=record.bytes)
+        return cls(path, manifest)
 
     def read(self, name: str) -> bytes:
         """The bytes of a listed file, checked against the manifest's size and sha256."""
@@ -78,17 +82,29 @@ def open_and_read(path: str | os.PathLike, names: Callable[[Manifest], list[str]
     """Open a bundle and read the files ``names(manifest)`` asks for, as one consistent snapshot.
 
     A concurrent in-place update replaces the manifest before it deletes the files it no longer lists,
-    so a reader that finds a listed file gone or different just met such an update: it reads again.
+    and a whole rewrite swaps the directory: a reader that fails while the manifest changed under it just
+    met such a write, and reads again. A failure on an unchanged manifest is the bundle's own.
     """
     for attempt in range(READ_ATTEMPTS):
-        bundle = Bundle.open(path)
+        before = _manifest_stamp(path)
         try:
+            bundle = Bundle.open(path)
             return bundle, {name: bundle.read(name) for name in names(bundle.manifest)}
         except BundleError:
-            if attempt == READ_ATTEMPTS - 1 or Bundle.open(path).manifest == bundle.manifest:
+            unchanged = before is not None and _manifest_stamp(path) == before
+            if attempt == READ_ATTEMPTS - 1 or unchanged:
                 raise
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _manifest_stamp(path: str | os.PathLike) -> tuple | None:
+    """Identity of the manifest file now at ``path`` (a write always puts a new file there), or None."""
+    try:
+        info = os.stat(Path(path) / MANIFEST, follow_symlinks=False)
+    except OSError:
+        return None
+    return info.st_ino, info.st_dev, info.st_mtime_ns, info.st_size
 
 
 def _manifest_bytes(manifest: Manifest) -> bytes:
@@ -138,8 +154,8 @@ def update_bundle(path: str | os.PathLike, change: Callable[[Manifest], Manifest
         for name in set(current.files) - set(updated.files):
             (path / name).unlink(missing_ok=True)
         for stray in path.glob("detector-*"):  # written by a writer killed before its manifest swap
-            if stray.name not in updated.files:
-                stray.unlink(missing_ok=True)
+            if stray.name not in updated.files and (stray.is_symlink() or stray.is_file()):
+                stray.unlink(missing_ok=True)  # a symlink itself, never what it points at
     return updated
 
 
