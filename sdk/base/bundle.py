@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BundleError
-from .fileio import atomic_directory, atomic_write_bytes, check_confined, read_confined, writer_lock
+from .fileio import (atomic_directory, atomic_write_bytes, check_confined, check_plain_name, interrupted_swap,
+                     read_confined, writer_lock)
 from .manifest import MANIFEST, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, FileRecord, Manifest
 
 #: A reader that meets a bundle mid-update (a listed file just replaced) retries this often.
@@ -44,7 +45,11 @@ def _parse_manifest(raw: bytes, where: Path) -> Manifest:
 
 
 class Bundle:
-    """An opened bundle: its validated manifest and confined, verified access to its files."""
+    """An opened bundle: its validated manifest and confined, verified access to its files.
+
+    Opening never writes, except to put back a bundle that a writer killed between the two renames of
+    a fallback swap left beside its path (under the writer lock).
+    """
 
     def __init__(self, path: Path, manifest: Manifest):
         self.path = path
@@ -53,6 +58,8 @@ class Bundle:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Bundle":
         path = Path(path)
+        if interrupted_swap(path) is not None:
+            _restore(path)
         if not path.exists():
             raise BundleError(f"bundle {path} does not exist; create one with gradprobe.export(model, example, path)")
         if not path.is_dir():
@@ -76,6 +83,17 @@ class Bundle:
             raise BundleError(f"{self.path / name} does not match the sha256 in the manifest: the file was modified "
                               "or replaced by a foreign one")
         return data
+
+
+def _restore(path: Path) -> None:
+    """Put back the bundle a writer killed mid-swap left beside ``path`` (under the writer lock, which
+    waits for a live writer and restores what a dead one left), so a load finds the old or the new one."""
+    old = interrupted_swap(path)
+    if not os.access(path.parent, os.W_OK):
+        raise BundleError(f"bundle {path} is missing: a write was interrupted and left the previous version in "
+                          f"{old}; rename it back to {path.name} or run any gradprobe write with write access")
+    with writer_lock(path):
+        pass
 
 
 def open_and_read(path: str | os.PathLike, names: Callable[[Manifest], list[str]]) -> tuple[Bundle, dict]:
@@ -108,8 +126,17 @@ def _manifest_stamp(path: str | os.PathLike) -> tuple | None:
 
 
 def _manifest_bytes(manifest: Manifest) -> bytes:
-    manifest.check()
-    return (json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n").encode("utf-8")
+    """The manifest as written, after checking that ``Manifest.from_json`` accepts it: a writer never leaves
+    a bundle that its readers would refuse."""
+    try:
+        text = json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n"
+    except ValueError as error:
+        raise BundleError(f"refusing to write a manifest holding a non-finite number ({error})") from None
+    try:
+        Manifest.from_json(json.loads(text))
+    except BundleError as error:
+        raise BundleError(f"refusing to write an invalid manifest: {error}") from None
+    return text.encode("utf-8")
 
 
 def write_bundle(path: str | os.PathLike, manifest: Manifest, files: dict[str, bytes],
@@ -134,23 +161,28 @@ def update_bundle(path: str | os.PathLike, change: Callable[[Manifest], Manifest
                   new_files: dict[str, bytes] | None = None, timeout: float | None = None) -> Manifest:
     """Change a bundle in place under its writer lock; returns the manifest now on disk.
 
-    Under the lock the current manifest is read again (never one read earlier), the new files are written
-    under fresh names (a name already listed with the same content is kept as it is), then the manifest is swapped, and only then are files deleted that the old manifest
-    listed and the new one does not: a kill at any point leaves a loadable bundle.
+    Under the lock the current manifest is read again (never one read earlier) and changed; only once the
+    new manifest is valid are the new files written, under fresh names (a name already listed with the
+    same content is kept as it is), then the manifest is swapped, and only then are files deleted that
+    the old manifest listed and the new one does not: a kill at any point leaves a loadable bundle, and
+    the next update removes what a killed one left.
     """
     path = Path(path)
     new_files = dict(new_files or {})
     with writer_lock(path, timeout):
         current = Bundle.open(path).manifest
-        for name in sorted(set(new_files) & set(current.files)):
-            if current.files[name] != file_record(new_files.pop(name)):
+        for name in sorted(new_files):
+            check_plain_name(name, "new bundle file")
+            if name in current.files and current.files[name] != file_record(new_files[name]):
                 raise BundleError(f"{path} already lists a different {name}; new files need fresh names")
-        for name, data in new_files.items():
-            atomic_write_bytes(path / name, data)
         files = {**current.files, **{name: file_record(data) for name, data in new_files.items()}}
         updated = change(dataclasses.replace(current, files=files))
         updated = dataclasses.replace(updated, files={name: files[name] for name in _referenced(updated, files)})
-        atomic_write_bytes(path / MANIFEST, _manifest_bytes(updated))
+        text = _manifest_bytes(updated)  # checked before anything is written
+        for name, data in new_files.items():
+            if name not in current.files:
+                atomic_write_bytes(path / name, data)
+        atomic_write_bytes(path / MANIFEST, text)
         for name in set(current.files) - set(updated.files):
             (path / name).unlink(missing_ok=True)
         for stray in path.glob("detector-*"):  # written by a writer killed before its manifest swap

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import stat
@@ -87,14 +88,23 @@ def recover_interrupted_writes(target: Path) -> None:
     """Under the writer lock no other writer runs, so every temporary entry beside or inside ``target``
     belongs to a killed writer: restore a directory a swap left missing, delete the rest."""
     parent = target.parent
-    olds = sorted(parent.glob(f".{target.name}.old-*"))
-    if not target.exists() and olds:
-        os.replace(olds.pop(), target)  # the fallback swap was cut between its two renames
-    for stale in olds + list(parent.glob(f".{target.name}.*.tmp")):
+    previous = interrupted_swap(target)
+    if previous is not None:
+        os.replace(previous, target)  # the fallback swap was cut between its two renames
+    name = glob.escape(target.name)
+    olds = sorted(parent.glob(f".{name}.old-*"))
+    for stale in olds + list(parent.glob(f".{name}.*.tmp")):
         _remove(stale)
     if target.is_dir() and not target.is_symlink():
         for stale in target.glob(".*.tmp"):
             _remove(stale)
+
+
+def interrupted_swap(target: str | os.PathLike) -> Path | None:
+    """The previous version of ``target`` that a fallback swap killed between its renames left, or None."""
+    target = Path(target)
+    olds = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*"))
+    return olds[-1] if olds and not target.exists() and not target.is_symlink() else None
 
 
 def _remove(path: Path) -> None:
