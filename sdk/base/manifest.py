@@ -98,7 +98,8 @@ def _list(value, path: str, item: Callable[[Any, str], Any], length: int | None 
 
 
 def _json_value(value, path: str, depth: int = 0):
-    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth."""
+    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth; a non-finite
+    number becomes its name ("nan", "inf"), on reading and on writing alike."""
     if depth > 8:
         raise _fail(path, "JSON nested at most 8 levels", "...")
     if isinstance(value, dict):
@@ -215,7 +216,7 @@ class ModelInfo:
 
     def to_json(self) -> dict:
         return {"class": self.class_name, "parameters": self.parameters, "weights": self.weights,
-                "config": self.config}
+                "config": None if self.config is None else _json_value(self.config, "model.config")}
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,8 @@ class DetectorSection:
     def to_json(self) -> dict:
         return {"kind": self.kind, "file": self.file, "features": self.features, "feature_count": self.feature_count,
                 "threshold": self.threshold, "tpr": self.tpr, "score_orientation": SCORE_ORIENTATION,
-                "is_anomalous": "score > threshold, or any output not finite", "fit": self.fit}
+                "is_anomalous": "score > threshold, or any output not finite",
+                "fit": _json_value(self.fit, "detector.fit")}
 
 
 @dataclass(frozen=True)
@@ -602,4 +604,4 @@ class Manifest:
                 "detector": None if self.detector is None else self.detector.to_json(),
                 "score_orientation": SCORE_ORIENTATION,
                 "files": {name: record.to_json() for name, record in sorted(self.files.items())},
-                "export": self.export}
+                "export": _json_value(self.export, "export")}
