@@ -7,6 +7,7 @@ import pytest
 
 from gradprobe.base.errors import BundleError
 from gradprobe.base.manifest import Manifest
+from tests.base.test_damaged_bundles import DELETE, set_field
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "manifest-deep.json").read_text())
 
@@ -16,18 +17,9 @@ def _edit(path: str, value):
     "/"; [i] for list items) set to ``value`` (or deleted)."""
     data = copy.deepcopy(GOLDEN)
     parts = path.replace("[", "/" if "/" in path else ".").replace("]", "").split("/" if "/" in path else ".")
-    keys = [int(k) if k.isdigit() else k for k in parts]
-    parent = data
-    for key in keys[:-1]:
-        parent = parent[key]
-    if value is DELETE:
-        del parent[keys[-1]]
-    else:
-        parent[keys[-1]] = value
+    set_field(data, tuple(int(k) if k.isdigit() else k for k in parts), value)
     return data
 
-
-DELETE = object()
 
 #: (field, damaged value, words the error must contain)
 DAMAGES = [

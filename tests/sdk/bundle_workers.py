@@ -6,6 +6,8 @@ done, probe loaded) and, when it ends on its own, one JSON line of counts. Modes
 - ``calibrate``: calibrate BUNDLE ``--rounds`` times (0: until killed), a different seed each round, so each
   round writes a new detector file and retires the previous one.
 - ``read``: load BUNDLE and detect until the file ``--stop`` exists; counts successes and errors by type.
+- ``update``: the write half of ``calibrate`` in a loop until killed: two detectors fitted once, stored in
+  turn (so a kill lands in the update far more often than in a full calibration).
 - ``export``: rewrite BUNDLE whole until killed, alternating the contents of the bundles in ``--sources``
   (what ``gradprobe.export`` does in its last step); ``--no-exchange`` takes the two-rename swap.
 """
@@ -45,6 +47,23 @@ def calibrate(bundle: Path, rounds: int, seed: int) -> dict:
     return dict(counts)
 
 
+def update(bundle: Path, seed: int) -> dict:
+    import dataclasses
+
+    import gradprobe
+    from gradprobe.base.bundle import update_bundle
+    from gradprobe.detect import fit_detector
+
+    probe = gradprobe.load(bundle)
+    fitted = [fit_detector(probe, images(seed * 1000 + k), kind="ood-free", seed=k) for k in range(2)]
+    print("ready", flush=True)
+    count = 0
+    while True:
+        section, _, data = fitted[count % 2]
+        update_bundle(bundle, lambda manifest: dataclasses.replace(manifest, detector=section), {section.file: data})
+        count += 1
+
+
 def read(bundle: Path, stop: Path) -> dict:
     import gradprobe
 
@@ -82,7 +101,7 @@ def export(bundle: Path, sources: list[Path], exchange: bool) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["calibrate", "read", "export"])
+    parser.add_argument("mode", choices=["calibrate", "update", "read", "export"])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,6 +112,8 @@ def main(argv=None) -> None:
     started = time.monotonic()
     if args.mode == "calibrate":
         counts = calibrate(args.bundle, args.rounds, args.seed)
+    elif args.mode == "update":
+        counts = update(args.bundle, args.seed)
     elif args.mode == "read":
         counts = read(args.bundle, args.stop)
     else:

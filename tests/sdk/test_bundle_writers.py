@@ -89,10 +89,11 @@ def test_two_writers_calibrating_and_a_reader(bundles, tmp_path, rounds):
     assert probe.manifest.detector.kind == "ood-free" and len(probe.detect(images(3, 2))) == 2
 
 
-@pytest.mark.parametrize("kills", [pytest.param(3, id="few"), pytest.param(24, id="many", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [pytest.param(4, id="few"), pytest.param(24, id="many", marks=pytest.mark.slow)])
 def test_killed_writers_leave_a_loadable_bundle_and_the_next_write_cleans_up(bundles, tmp_path, kills):
     """SIGKILL at a seeded random moment of an export over an existing bundle (atomic exchange, and the
-    two-rename fallback) or of a calibration: the bundle loads, old or new; the next write tidies up."""
+    two-rename fallback), of a calibration, or of calibration's update step alone: the bundle loads, old
+    or new; the next write tidies up."""
     rng = np.random.default_rng(20261129)
     sources = [bundles["plain"], bundles["deep"]]
     contents = []
@@ -105,27 +106,27 @@ def test_killed_writers_leave_a_loadable_bundle_and_the_next_write_cleans_up(bun
     shutil.copytree(bundles["calibrated"], calibrated)
     outcomes = collections.Counter()
     for kill in range(kills):
-        mode = ("export", "export-fallback", "calibrate")[kill % 3]
-        target = calibrated if mode == "calibrate" else exported
-        options = ("--rounds", 0, "--seed", kill) if mode == "calibrate" else \
+        mode = ("export", "export-fallback", "calibrate", "update")[kill % 4]
+        target = calibrated if mode in ("calibrate", "update") else exported
+        options = ("--rounds", 0, "--seed", kill) if mode in ("calibrate", "update") else \
             ("--sources", *sources, *(["--no-exchange"] if mode == "export-fallback" else []))
         worker = _start(tmp_path, mode.split("-")[0], target, *options)
         _wait_ready(worker)
-        time.sleep(rng.uniform(0.0, 2.0 if mode == "calibrate" else 1.0))
+        time.sleep(rng.uniform(0.0, 2.0 if mode == "calibrate" else 0.5))
         worker.kill()
         assert worker.wait() == -9, f"{mode} worker ended on its own"
         # the bundle loads as the killed writer left it: the old or the new version
         probe = gradprobe.load(target)
         result = probe.run(images(kill, 2))
         assert result.finite.all()
-        if mode == "calibrate":
+        if target == calibrated:
             assert len(probe.detect(images(kill, 2))) == 2
         else:
             assert sha256_hex(Bundle.open(target).read("probe.onnx")) in graphs
         left = _leftovers(target)
         outcomes[(mode, ", ".join(sorted({_kind(entry) for entry in left})) or "nothing left")] += 1
         # the next write removes whatever the killed one left
-        if mode == "calibrate":
+        if target == calibrated:
             update_bundle(target, lambda manifest: manifest)
         else:
             manifest, files = contents[kill % 2]
