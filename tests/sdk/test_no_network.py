@@ -59,3 +59,14 @@ def test_no_internet_sockets_from_any_thread(bundles, tmp_path):
     internet = [line for line in calls if "AF_INET" in line or "sin_port" in line or "sin6_port" in line]
     assert internet == [], internet[:10]
     assert calls == [], f"network syscalls (no internet family, but unexpected): {calls[:10]}"
+
+
+def test_onnxruntime_telemetry_is_switched_off_before_a_session_exists(bundles, monkeypatch):
+    """Belt and braces: ONNX Runtime's telemetry switch (a Windows ETW provider; a no-op on Linux) is set off."""
+    ort = pytest.importorskip("onnxruntime")
+    calls = []
+    monkeypatch.setattr(ort, "disable_telemetry_events", lambda: calls.append("off"), raising=False)
+    import gradprobe
+
+    gradprobe.load(bundles["plain"]).close()
+    assert calls and calls[0] == "off"
