@@ -8,7 +8,7 @@ GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
 VIZ = ["matplotlib>=3.7"]
 SERVE = ["nvidia-pytriton>=0.7", "tritonclient[grpc,http]>=2.50"]  # Triton Inference Server + clients
 SCALE = ["ray[data]>=2.50", "pyarrow>=17", "pillow>=10"]  # batch scoring on Ray Data, Parquet out
-TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
+TEST = ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.1", "hypothesis>=6.100", "scikit-learn>=1.3"] + VIZ
 
 setup(
     name="gradprobe",
