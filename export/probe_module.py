@@ -1,6 +1,6 @@
 """The probe graph as a torch module: forward pass plus the probing losses' backward, as plain ops.
 
-Formulas: METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the maps, from the
+Formulas: docs/METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the maps, from the
 table in ``maps``). ``forward`` returns the outputs by name; ``OrderedOutputs`` fixes their order for the
 ONNX exporter from the same names.
 """

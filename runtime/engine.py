@@ -16,6 +16,13 @@ from .backend import Backend
 from .validate import validate_images
 
 
+def _same_spec(declared, actual) -> bool:
+    """Same dtype and rank; each dim the same fixed size, or free (named) in both."""
+    return declared.dtype == actual.dtype and len(declared.shape) == len(actual.shape) and all(
+        (isinstance(a, str) and isinstance(b, str)) or (isinstance(a, int) and a == b)
+        for a, b in zip(declared.shape, actual.shape))
+
+
 class ProbeEngine:
     """Runs ``backend`` for ``manifest``: ``infer(images, feeds) -> {output name: array}``."""
 
@@ -29,6 +36,12 @@ class ProbeEngine:
             raise BundleError(f"the graph is not the one its manifest describes: inputs {backend.input_names} "
                               f"(manifest {declared_in}), outputs {backend.output_names[:12]} "
                               f"(manifest {declared_out[:12]})")
+        different = [f"{mine.name}: manifest {mine.dtype} {list(mine.shape)}, graph {real.dtype} {list(real.shape)}"
+                     for mine, real in zip((*manifest.inputs, *manifest.outputs),
+                                           (*backend.input_specs, *backend.output_specs))
+                     if not _same_spec(mine, real)]
+        if different:
+            raise BundleError(f"the graph is not the one its manifest describes: {'; '.join(different[:4])}")
         self.taps = manifest.classifier.layer_grads.taps if manifest.kind == "classifier" and \
             manifest.classifier.layer_grads else ()
         self.output_names = [name for name in declared_out

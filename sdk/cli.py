@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
 
+    from gradprobe.serve.triton import add_serve_command
+
+    add_serve_command(commands)
+
+    from gradprobe.serve.scale import add_score_command
+
+    add_score_command(commands)
+
     demo = commands.add_parser("demo", help="export, run and explain the shipped model on real data")
     demo.add_argument("--out", default="gradprobe-demo", help="folder for the bundle and pictures")
     demo.add_argument("--threads", type=int, default=2)

@@ -123,8 +123,15 @@ class Probe:
 
         section, detector, data = fit_detector(self, in_dist, ood, kind=kind, tpr=tpr, seed=seed,
                                                description=description, **options)
-        self.manifest = update_bundle(self.path, lambda current: dataclasses.replace(current, detector=section),
-                                      {section.file: data})
+        graph = self.manifest.files[self.manifest.graph]
+
+        def change(current: Manifest) -> Manifest:
+            if current.files.get(current.graph) != graph:  # re-exported since this probe loaded it
+                raise BundleError(f"{self.path} was re-exported after this probe loaded it: the detector was fitted on "
+                                  "the previous graph; load the bundle again and calibrate that")
+            return dataclasses.replace(current, detector=section)
+
+        self.manifest = update_bundle(self.path, change, {section.file: data})
         self._detector = detector
         return section
 

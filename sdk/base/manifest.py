@@ -22,9 +22,17 @@ SCORE_ORIENTATION = "higher means more anomalous"
 #: Upper bounds that keep a damaged manifest from asking for absurd work or memory.
 MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
+#: A graph is one protobuf message, which cannot exceed 2 GiB.
+MAX_GRAPH_BYTES = 2 << 30
+#: Fitted detector arrays (uncompressed) and the npz file that holds them.
+MAX_DETECTOR_ARRAY_BYTES = 256 << 20
+MAX_DETECTOR_BYTES = MAX_DETECTOR_ARRAY_BYTES + (1 << 20)
 MAX_DIM = 1 << 16
 MAX_ITEMS = 1 << 16
 DTYPES = ("float32", "float64", "int64")
+FLOAT_DTYPES = ("float32", "float64")
+#: The outputs a detector may read its features from (gradient norms).
+DETECTOR_FEATURES = ("layer_grad_sqnorm", "confounding_grad_sqnorm")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
@@ -71,7 +79,11 @@ def _str(value, path: str, choices=None, pattern: re.Pattern | None = None, max_
         raise _fail(path, f"a string of at most {max_length} characters", value)
     if choices is not None and value not in choices:
         raise _fail(path, f"one of {list(choices)}", value)
-    if pattern is not None and not pattern.match(value):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(path, "valid Unicode text (no lone surrogates)", value) from None
+    if pattern is not None and not pattern.fullmatch(value):
         raise _fail(path, f"a name matching {pattern.pattern}", value)
     return value
 
@@ -86,7 +98,8 @@ def _list(value, path: str, item: Callable[[Any, str], Any], length: int | None 
 
 
 def _json_value(value, path: str, depth: int = 0):
-    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth."""
+    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth; a non-finite
+    number becomes its name ("nan", "inf"), on reading and on writing alike."""
     if depth > 8:
         raise _fail(path, "JSON nested at most 8 levels", "...")
     if isinstance(value, dict):
@@ -167,6 +180,7 @@ class InputSpec:
         chw = tuple(_int(v, f"{path}.shape[{i + 1}]", 1, MAX_DIM) for i, v in enumerate(shape[1:]))
         if chw[0] * chw[1] * chw[2] > 1 << 26:
             raise _fail(f"{path}.shape", "at most 2^26 values per image", shape)
+        _str(_get(data, "dtype", path), f"{path}.dtype", ("float32",))
         low, high = _list(_get(data, "range", path), f"{path}.range", _float, length=2)
         if not low < high:
             raise _fail(f"{path}.range", "[low, high] with low < high", [low, high])
@@ -202,7 +216,7 @@ class ModelInfo:
 
     def to_json(self) -> dict:
         return {"class": self.class_name, "parameters": self.parameters, "weights": self.weights,
-                "config": self.config}
+                "config": None if self.config is None else _json_value(self.config, "model.config")}
 
 
 @dataclass(frozen=True)
@@ -360,6 +374,11 @@ class EngineRecord:
 
 
 CONFOUNDING_LOSSES = ("bce", "softmax")
+#: The classifier graph's fixed outputs: name -> (dtype, dims after the batch; "C" = one per class name,
+#: "d" = head.features). Maps, layer_grad_sqnorm and taps follow from their sections.
+CLASSIFIER_OUTPUTS = {"logits": ("float", ("C",)), "probs": ("float", ("C",)), "pred": ("int64", ()),
+                      "features": ("float", ("d",)), "contrast_class": ("int64", ()),
+                      "label_grad_sqnorm": ("float", ("C",)), "confounding_grad_sqnorm": ("float", (2,))}
 NORM_FORMS = ("closed", "gram", "tap", "generic")
 
 
@@ -407,9 +426,11 @@ class DetectorSection:
     @classmethod
     def from_json(cls, data, path: str) -> "DetectorSection":
         data = _dict(data, path)
+        if data.get("score_orientation", SCORE_ORIENTATION) != SCORE_ORIENTATION:
+            raise _fail(f"{path}.score_orientation", repr(SCORE_ORIENTATION), data.get("score_orientation"))
         return cls(_name(_get(data, "kind", path), f"{path}.kind"),
                    check_plain_name(_get(data, "file", path), f"manifest field {path}.file"),
-                   _name(_get(data, "features", path), f"{path}.features"),
+                   _str(_get(data, "features", path), f"{path}.features", DETECTOR_FEATURES),
                    _int(_get(data, "feature_count", path), f"{path}.feature_count", 1, MAX_ITEMS),
                    _float(_get(data, "threshold", path), f"{path}.threshold"),
                    _float(_get(data, "tpr", path), f"{path}.tpr", 0.5, 1.0),
@@ -418,7 +439,8 @@ class DetectorSection:
     def to_json(self) -> dict:
         return {"kind": self.kind, "file": self.file, "features": self.features, "feature_count": self.feature_count,
                 "threshold": self.threshold, "tpr": self.tpr, "score_orientation": SCORE_ORIENTATION,
-                "is_anomalous": "score > threshold, or any output not finite", "fit": self.fit}
+                "is_anomalous": "score > threshold, or any output not finite",
+                "fit": _json_value(self.fit, "detector.fit")}
 
 
 @dataclass(frozen=True)
@@ -461,33 +483,64 @@ class ClassifierSection:
                 "layer_grads": None if self.layer_grads is None else self.layer_grads.to_json()}
 
     def check_against(self, manifest: "Manifest") -> None:
-        """Cross-field checks against the graph's declared outputs."""
-        outputs = {spec.name: spec for spec in manifest.outputs}
-        for required in ("logits", "probs", "pred", "features", "contrast_class"):
-            if required not in outputs:
-                raise BundleError(f"manifest field outputs: the classifier graph must declare {required!r}")
-        classes = outputs["logits"].shape[-1]
-        if classes != len(self.class_names):
-            raise BundleError(f"manifest field classifier.class_names: expected {classes} names, one per logit "
-                              f"(outputs.logits has shape {list(outputs['logits'].shape)}), got {len(self.class_names)}")
+        """Cross-field checks against the graph's declared inputs and outputs: every output is one this
+        section describes, with the dtype and dims it implies (classes, features, map size, taps)."""
+        contrast = next((spec for spec in manifest.inputs if spec.name == "contrast"), None)
+        if [spec.name for spec in manifest.inputs] != ["images", "contrast"] or contrast.dtype != "int64" or \
+                len(contrast.shape) != 1:
+            raise BundleError(f"manifest field graph.inputs: a classifier graph takes images [B, C, H, W] float32 and "
+                              f"contrast [B] int64, got {[(s.name, s.dtype, list(s.shape)) for s in manifest.inputs]}")
+        outputs = {spec.name: (index, spec) for index, spec in enumerate(manifest.outputs)}
+        sizes = {"C": (len(self.class_names), "one per classifier.class_names"),
+                 "d": (self.features, "classifier.head.features")}
+        expected = {}  # output name -> (dtype, dims after the batch, where the dims come from)
+        for name, (dtype, dims) in CLASSIFIER_OUTPUTS.items():
+            expected[name] = (dtype, tuple(sizes[d][0] if d in sizes else d for d in dims),
+                              ", ".join(sizes[d][1] for d in dims if d in sizes) or "fixed")
         for spec in self.maps:
-            declared = outputs.get(spec.name)
-            if declared is None or tuple(declared.shape[1:]) != self.target_shape[1:]:
-                raise BundleError(f"manifest field classifier.maps: map {spec.name!r} must be a declared output of "
-                                  f"shape [B, {self.target_shape[1]}, {self.target_shape[2]}]")
+            expected[spec.name] = ("float", self.target_shape[1:], "classifier.maps, classifier.target_layer.shape")
         if self.layer_grads is not None:
-            norms = outputs.get("layer_grad_sqnorm")
-            if norms is None or norms.shape[-1] != len(self.layer_grads.names):
-                raise BundleError("manifest field classifier.layer_grads: the graph must declare layer_grad_sqnorm "
-                                  f"with {len(self.layer_grads.names)} columns, one per parameter name")
-            for tap in self.layer_grads.taps:
-                for name in (tap.input, tap.grad):
-                    if name not in outputs or len(outputs[name].shape) != 4:
-                        raise BundleError(f"manifest field classifier.layer_grads.taps: {name!r} must be a declared "
-                                          "4-D output of the graph")
+            expected["layer_grad_sqnorm"] = ("float", (len(self.layer_grads.names),),
+                                             "one per classifier.layer_grads.names")
+            for index, tap in enumerate(self.layer_grads.taps):
+                expected.update(self._tap_outputs(tap, f"classifier.layer_grads.taps[{index}]", outputs))
         elif "layer_grad_sqnorm" in outputs:
             raise BundleError("manifest field classifier.layer_grads is missing although the graph outputs "
                               "layer_grad_sqnorm: the tap columns could not be completed")
+        for name, (dtype, dims, source) in expected.items():
+            if name not in outputs:
+                raise BundleError(f"manifest field graph.outputs: the classifier graph must declare {name!r} "
+                                  f"({source})")
+            index, spec = outputs[name]
+            if (spec.dtype not in FLOAT_DTYPES if dtype == "float" else spec.dtype != dtype) or \
+                    tuple(spec.shape[1:]) != tuple(dims):
+                raise BundleError(f"manifest field graph.outputs[{index}] ({name}): expected {dtype} "
+                                  f"[B, {', '.join(map(str, dims))}] ({source}), got {spec.dtype} {list(spec.shape)}")
+        unexplained = [name for name in outputs if name not in expected]
+        if unexplained:
+            raise BundleError(f"manifest field classifier.maps / classifier.layer_grads: graph output(s) "
+                              f"{unexplained[:8]} are described by no section; a map or tap is missing")
+
+    @staticmethod
+    def _tap_outputs(tap: "Tap", where: str, outputs: dict) -> dict:
+        """The two outputs a tap reads, named after its column, with the shapes its convolution implies."""
+        if (tap.input, tap.grad) != (f"tap_input_{tap.column}", f"tap_grad_{tap.column}"):
+            raise BundleError(f"manifest field {where}: column {tap.column} reads outputs tap_input_{tap.column} / "
+                              f"tap_grad_{tap.column}, got {tap.input!r} / {tap.grad!r}")
+        for name in (tap.input, tap.grad):
+            if name not in outputs:
+                raise BundleError(f"manifest field {where}: {name!r} must be a declared output of the graph")
+            index, spec = outputs[name]
+            if len(spec.shape) != 4 or not all(isinstance(d, int) for d in spec.shape[1:]):
+                raise BundleError(f"manifest field graph.outputs[{index}] ({name}): a tap is a 4-D output "
+                                  f"[B, C, H, W] of fixed C, H, W (read by {where}), got {list(spec.shape)}")
+        height, width = outputs[tap.input][1].shape[2:]
+        conv = tap.conv
+        out_h, out_w = conv.output_size(height, width)
+        if out_h < 1 or out_w < 1:
+            raise BundleError(f"manifest field {where}.conv: {conv} gives an empty output on a {height}x{width} input")
+        return {tap.input: ("float", (conv.in_channels, height, width), f"{where}.conv.in_channels"),
+                tap.grad: ("float", (conv.out_channels, out_h, out_w), f"{where}.conv")}
 
 
 #: Kinds of bundle and the section each one carries (name of the section = name of the kind).
@@ -579,9 +632,20 @@ class Manifest:
             names = [spec.name for spec in specs]
             if len(set(names)) != len(names):
                 raise BundleError(f"manifest field graph.{group}: names must be distinct, got {names[:20]}")
-        images = next((spec for spec in self.inputs if spec.name == "images"), None)
+            for index, spec in enumerate(specs):
+                if not spec.shape or not isinstance(spec.shape[0], str):
+                    raise BundleError(f"manifest field graph.{group}[{index}].shape ({spec.name}): expected the batch "
+                                      f"dimension first, by name (e.g. \"B\"), got {list(spec.shape)}")
+        for name, limit, what in ((self.graph, MAX_GRAPH_BYTES, "graph.file"),
+                                  (self.detector.file if self.detector else None, MAX_DETECTOR_BYTES, "detector.file")):
+            if name is not None and name in self.files and self.files[name].bytes > limit:
+                raise BundleError(f"manifest field files.{name}.bytes: {self.files[name].bytes} bytes is more than a "
+                                  f"{what} may have ({limit})")
+        index = next((i for i, spec in enumerate(self.inputs) if spec.name == "images"), None)
+        images = None if index is None else self.inputs[index]
         if images is None or images.dtype != "float32" or tuple(images.shape[1:]) != self.input.shape:
-            raise BundleError(f"manifest field graph.inputs: expected an 'images' float32 input of shape "
+            where = "graph.inputs" if images is None else f"graph.inputs[{index}] (images)"
+            raise BundleError(f"manifest field {where}: expected an 'images' float32 input of shape "
                               f"[B, {', '.join(map(str, self.input.shape))}] matching input.shape")
         for index, engine in enumerate(self.engines):
             if engine.file not in self.files:
@@ -590,9 +654,14 @@ class Manifest:
                 len({e.file for e in self.engines}) != len(self.engines):
             raise BundleError("manifest field engines: one engine per (TensorRT, GPU, capability, precision, "
                               "profile) and per file")
-        if self.detector is not None and self.detector.features not in {spec.name for spec in self.outputs}:
-            raise BundleError(f"manifest field detector.features: {self.detector.features!r} is not an output "
-                              "of the graph")
+        if self.detector is not None:
+            source = self.output(self.detector.features)
+            if source is None:
+                raise BundleError(f"manifest field detector.features: {self.detector.features!r} is not an output "
+                                  "of the graph")
+            if tuple(source.shape[1:]) != (self.detector.feature_count,):
+                raise BundleError(f"manifest field detector.feature_count: {self.detector.feature_count} features, but "
+                                  f"detector.features {source.name!r} has shape {list(source.shape)}")
         self.section.check_against(self)
 
     def to_json(self) -> dict:
@@ -605,5 +674,5 @@ class Manifest:
                 "detector": None if self.detector is None else self.detector.to_json(),
                 "score_orientation": SCORE_ORIENTATION,
                 "files": {name: record.to_json() for name, record in sorted(self.files.items())},
-                "export": self.export,
+                "export": _json_value(self.export, "export"),
                 **({"engines": [engine.to_json() for engine in self.engines]} if self.engines else {})}
