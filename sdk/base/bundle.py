@@ -137,13 +137,14 @@ def update_bundle(path: str | os.PathLike, change: Callable[[Manifest], Manifest
         atomic_write_bytes(path / MANIFEST, _manifest_bytes(updated))
         for name in set(current.files) - set(updated.files):
             (path / name).unlink(missing_ok=True)
-        for stray in path.glob("detector-*"):  # written by a writer killed before its manifest swap
+        for stray in (*path.glob("detector-*"), *path.glob("head-*")):  # from a writer killed before its swap
             if stray.name not in updated.files:
                 stray.unlink(missing_ok=True)
     return updated
 
 
 def _referenced(manifest: Manifest, files: dict) -> list[str]:
-    """Files to keep listed: every file except a detector file that the manifest no longer points at."""
-    active = manifest.detector.file if manifest.detector else None
-    return [name for name in files if not name.startswith("detector-") or name == active]
+    """Files to keep listed: every file except detector and head files that the manifest no longer points at."""
+    active = {manifest.detector.file} if manifest.detector else set()
+    active |= {head.file for head in manifest.heads}
+    return [name for name in files if not name.startswith(("detector-", "head-")) or name in active]
