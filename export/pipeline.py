@@ -27,10 +27,11 @@ from torch import nn
 import gradprobe
 from gradprobe.base.bundle import write_bundle
 from gradprobe.base.errors import ExportError, InputError
-from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, InputSpec, LayerGrads, Manifest,
-                                     ModelInfo, Tap, TensorSpec)
+from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
+                                     LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
 from .backward import check_head
+from .contrastive import variants_of
 from .graph import ProbeGraph, trace
 from .layer_grads import plan as layer_plan
 from .parity import parity_errors
@@ -108,12 +109,12 @@ def _eval_mode(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- build
-def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str):
+def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str, contrastive: tuple = ()):
     """The probe module, its layer-norm plan and the outputs of one eager run on the example."""
     if confounding not in CONFOUNDING_LOSSES:
         raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
     norms = layer_plan(prepared.model, graph) if layer_grads else None
-    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding).eval()
+    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding, contrastive=contrastive).eval()
     with torch.no_grad():
         check_head(graph, probe.run_graph(prepared.normalized()))
         example = prepared.example[:2]
@@ -227,7 +228,8 @@ def describe(prepared: Prepared, graph: ProbeGraph, probe: ProbeModule, outputs:
     section = ClassifierSection(
         class_names=tuple(class_names), target_layer=graph.target_name,
         target_shape=(int(graph.target.meta["tensor_meta"].shape[1]), *target_shape), linear=graph.linear_name,
-        features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads)
+        features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads,
+        contrastive=ContrastiveFeatures(probe.contrastive) if probe.contrastive else None)
     config = getattr(model, "config", None)
     return Manifest(
         kind="classifier",
@@ -254,7 +256,7 @@ def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, byt
 
 def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
                   class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
-                  opset: int | None = None) -> Path:
+                  contrastive=None, opset: int | None = None) -> Path:
     """Export ``model`` with its probe graph as a bundle directory at ``path``; returns the path.
 
     ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
@@ -263,12 +265,16 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
     ``normalize``: (mean, std) applied inside the graph (default: ``model.input_normalization``).
     ``layer_grads``: also output ``layer_grad_sqnorm`` [B, P], every parameter tensor's per-sample
     gradient norm for the all-ones ``confounding`` label ("bce" on the logits, or "softmax").
+    ``contrastive``: also output the contrastive features r_x (METHODS §4), ``contrastive_<variant>`` for
+    "full", "compact" or "norms" (one, or a sequence of them); a second stage trained on them with
+    ``gradprobe train-contrastive`` then runs in the same engine call.
     Nothing is left behind on failure; an existing bundle at ``path`` is replaced whole.
     """
     prepared = prepare(model, example_input, normalize)
+    variants = variants_of(contrastive)
     with _eval_mode(model):
         graph = trace(model, prepared.normalized(), target_layer)
-        probe, norms, outputs = build(prepared, graph, layer_grads, confounding)
+        probe, norms, outputs = build(prepared, graph, layer_grads, confounding, variants)
         classes = int(outputs["logits"].shape[1])
         names = [str(n) for n in (class_names if class_names is not None else
                                   getattr(model, "class_names", range(classes)))]
