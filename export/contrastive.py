@@ -321,33 +321,48 @@ def train_head(probe, images, labels, *, variant: str | None = None, seed: int =
                progress: bool = True, description: str = "") -> tuple[HeadSpec, bytes, ContrastiveMLP]:
     """Fit the second stage of ``probe``'s bundle on labelled clean images; returns its head spec, graph bytes and
     the torch MLP. The bundle must emit r_x (exported with ``contrastive=...``); the model itself is not needed."""
+    variant = _variant(probe, variant)
+    images, labels = _labelled(probe, images, labels)
+    outputs = engine_outputs(probe, images, ("probs", "features"), progress=progress)
+    make_input = rx_input(variant, outputs["probs"], outputs["features"])
+    _check_closed_form(probe, images[:64], make_input, ContrastiveFeatures.output_name(variant))
+    classes = len(probe.manifest.classifier.class_names)
+    mlp, report = fit_mlp(make_input, labels, classes, seed=seed, hidden=hidden, max_epochs=max_epochs,
+                          patience=patience, held_out=held_out, max_steps=max_steps, progress=progress,
+                          desc=f"contrastive MLP ({variant}, seed {seed})")
+    fit = {"variant": variant, "hidden": list(hidden), "optimizer": "Adam",
+           "data": description or f"{len(images)} labelled images", **report.to_json()}
+    return (*make_head(probe, mlp, variant, fit), mlp)
+
+
+def make_head(probe, mlp: ContrastiveMLP, variant: str, fit: dict) -> tuple[HeadSpec, bytes]:
+    """The head spec and graph of a fitted MLP reading ``probe``'s r_x of ``variant`` (``fit``: what to record)."""
+    variant = _variant(probe, variant)
+    data, spec = head_graph(mlp, probe.manifest.output(ContrastiveFeatures.output_name(variant)),
+                            len(probe.manifest.classifier.class_names))
+    return HeadSpec(spec.name, spec.file, spec.inputs, spec.outputs, {"variant": variant, **fit}), data
+
+
+def _variant(probe, variant: str | None) -> str:
     section = probe.manifest.classifier
     offered = section.contrastive.variants if section.contrastive else ()
     if not offered:
         raise InputError(f"bundle {probe.path} emits no contrastive features: re-export it with "
                          "gradprobe.export(model, example, path, contrastive='compact') (or 'full', 'norms')")
-    variant = variant or offered[0]
-    if variant not in offered:
+    if variant is not None and variant not in offered:
         raise InputError(f"bundle {probe.path} emits contrastive variants {list(offered)}, not {variant!r}")
-    images = np.asarray(images)
-    labels = np.asarray(labels)
+    return variant or offered[0]
+
+
+def _labelled(probe, images, labels) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = np.asarray(images), np.asarray(labels)
     if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
         raise InputError(f"labels must be integers [N] for the {len(images)} images, got {labels.dtype} "
                          f"{list(labels.shape)}")
-    classes = len(section.class_names)
+    classes = len(probe.manifest.classifier.class_names)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         raise InputError(f"labels must lie in [0, {classes - 1}]")
-    name = ContrastiveFeatures.output_name(variant)
-    outputs = engine_outputs(probe, images, ("probs", "features"), progress=progress)
-    make_input = rx_input(variant, outputs["probs"], outputs["features"])
-    _check_closed_form(probe, images[:64], make_input, name)
-    mlp, report = fit_mlp(make_input, labels, classes, seed=seed, hidden=hidden, max_epochs=max_epochs,
-                          patience=patience, held_out=held_out, max_steps=max_steps, progress=progress,
-                          desc=f"contrastive MLP ({variant}, seed {seed})")
-    data, spec = head_graph(mlp, probe.manifest.output(name), classes)
-    fit = {"variant": variant, "hidden": list(hidden), "optimizer": "Adam", "data": description or
-           f"{len(images)} labelled images", **report.to_json()}
-    return HeadSpec(spec.name, spec.file, spec.inputs, spec.outputs, fit), data, mlp
+    return images, labels
 
 
 def _check_closed_form(probe, images: np.ndarray, make_input, name: str) -> None:

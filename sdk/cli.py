@@ -64,8 +64,9 @@ def _print_info(path):
               f"loss; closed form {forms.count('closed')}, Gram in graph {forms.count('gram')}, "
               f"direct in kernels {forms.count('tap')}, generic {forms.count('generic')}")
     for head in manifest.heads:
+        accuracy = head.fit.get("held_out_accuracy")
         print(f"head       {head.name}: {', '.join(head.input_names)} -> {', '.join(head.output_names)}"
-              + (f" (held-out accuracy {head.fit['held_out_accuracy']:.4f})" if "held_out_accuracy" in head.fit else ""))
+              + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""))
     if manifest.detector:
         print(f"detector   {manifest.detector.kind}, threshold {manifest.detector.threshold:.4g} "
               f"at TPR {manifest.detector.tpr}, features {manifest.detector.features}")

@@ -99,4 +99,4 @@ def train_contrastive(probe, images, labels, *, variant: str | None = None, seed
     spec, data, _ = train_head(probe, images, labels, variant=variant, seed=seed, hidden=hidden,
                                max_epochs=max_epochs, patience=patience, held_out=held_out, max_steps=max_steps,
                                progress=progress, description=description)
-    return probe._install_head(spec, data)
+    return probe.install_head(spec, data)

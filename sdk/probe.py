@@ -144,9 +144,9 @@ class Probe:
 
         return train_contrastive(self, images, labels, **options)
 
-    def _install_head(self, spec, data: bytes):
-        """Put head ``spec`` (graph ``data``) into the bundle under its writer lock, replacing a head of the same
-        name, and rebuild the engine from what is now on disk."""
+    def install_head(self, spec, data: bytes):
+        """Put head ``spec`` (a ``HeadSpec``, graph ``data``) into the bundle under its writer lock, replacing a
+        head of the same name; this probe runs it from now on (the engine is rebuilt from what is on disk)."""
         from gradprobe.runtime import build_engine
 
         def change(current: Manifest) -> Manifest:

@@ -30,7 +30,7 @@ def make_bundles(folder: str | Path) -> dict[str, Path]:
 
 
 #: name -> what it is (made by ``make_contrastive_bundles``, apart from BUNDLES so other tests do not wait for them)
-CONTRASTIVE_BUNDLES = {"contrastive-features": "the shipped ResNet emitting r_x (compact, norms, full), no second stage",
+CONTRASTIVE_BUNDLES = {"contrastive-features": "the shipped ResNet emitting r_x (compact, norms, full), no head",
                        "contrastive": "contrastive-features with a quickly trained contrastive head (compact)"}
 #: The quick second stage: clean Fashion-MNIST train images, optimizer steps (a shape-and-plumbing head).
 QUICK_HEAD_IMAGES, QUICK_HEAD_STEPS = 1000, 40
