@@ -13,13 +13,7 @@ right after the probe graph, so one engine call returns ``contrastive_logits`` b
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import tempfile
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -240,32 +234,14 @@ class HeadModule(nn.Module):
 def head_graph(mlp: ContrastiveMLP, input_spec: TensorSpec, classes: int) -> tuple[bytes, HeadSpec]:
     """The head graph as ONNX bytes (symbolic batch, checked against the torch MLP with ONNX Runtime) and its
     manifest entry; the file name carries the graph's sha256 so a retrained head never overwrites the old one."""
-    import onnx
-
     from gradprobe.base.bundle import sha256_hex
+
+    from .pipeline import onnx_bytes  # the pipeline imports this module
 
     head = HeadModule(mlp.eval())
     example = torch.randn(5, *input_spec.shape[1:], generator=torch.Generator().manual_seed(0))
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="gradprobe-head-") as folder, warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            path = Path(folder) / "head.onnx"
-            torch.onnx.export(head, (example,), str(path), dynamo=True, input_names=[input_spec.name],
-                              output_names=list(HEAD_OUTPUTS), dynamic_shapes=({0: batch},), external_data=False,
-                              verbose=False)
-            data = path.read_bytes()
-    except Exception as error:
-        raise ExportError(f"torch.onnx.export failed on the contrastive head: {type(error).__name__}: "
-                          f"{str(error)[:2000]}") from error
-    finally:
-        torch_onnx_log.setLevel(level)
-    if not onnx.load_from_string(data).graph.input[0].type.tensor_type.shape.dim[0].dim_param:
-        raise ExportError("the exported contrastive head has a fixed batch; the batch dimension must be symbolic")
+    data, _ = onnx_bytes(head, (example,), "the contrastive head", input_names=[input_spec.name],
+                         output_names=list(HEAD_OUTPUTS))
     _verify_head(data, head, example, input_spec.name)
     outputs = (TensorSpec("contrastive_logits", "float32", ("B", classes), "second-stage MLP logits on r_x, [B, C]"),
                TensorSpec("contrastive_probs", "float32", ("B", classes), "softmax of contrastive_logits, [B, C]"),

@@ -138,16 +138,14 @@ def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, tor
 
 
 # -------------------------------------------------------------------------------------------- export
-def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
-            opset: int | None) -> tuple[bytes, list[str]]:
-    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+def onnx_bytes(module: nn.Module, args: tuple, what: str, **kwargs):
+    """``torch.onnx.export(dynamo=True)`` of ``module`` with a symbolic batch on every input, quietly:
+    ``(bytes, onnx model)``; an ``ExportError`` naming ``what`` when it fails or fixes the batch."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=names,
-                  dynamic_shapes=({0: batch}, {0: batch}), external_data=False, verbose=False)
-    if opset is not None:
-        kwargs["opset_version"] = opset
+    kwargs = dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args), external_data=False, verbose=False,
+                  **kwargs)
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops we never use
@@ -155,11 +153,11 @@ def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast
         with tempfile.TemporaryDirectory(prefix="gradprobe-export-") as folder, warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            path = Path(folder) / GRAPH_FILE
-            torch.onnx.export(OrderedOutputs(probe, names), (images, contrast), str(path), **kwargs)
+            path = Path(folder) / "graph.onnx"
+            torch.onnx.export(module, args, str(path), **kwargs)
             data = path.read_bytes()
     except Exception as error:
-        raise ExportError(f"torch.onnx.export failed on the probe graph: {type(error).__name__}: "
+        raise ExportError(f"torch.onnx.export failed on {what}: {type(error).__name__}: "
                           f"{str(error)[:2000]}") from error
     finally:
         torch_onnx_log.setLevel(level)
@@ -167,8 +165,17 @@ def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast
     for tensor in model.graph.input:
         first = tensor.type.tensor_type.shape.dim[0]
         if not first.dim_param:
-            raise ExportError(f"the exported input {tensor.name!r} has a fixed batch of {first.dim_value}; "
-                              "the batch dimension must be symbolic")
+            raise ExportError(f"the exported input {tensor.name!r} of {what} has a fixed batch of "
+                              f"{first.dim_value}; the batch dimension must be symbolic")
+    return data, model
+
+
+def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
+            opset: int | None) -> tuple[bytes, list[str]]:
+    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+    options = {} if opset is None else {"opset_version": opset}
+    data, model = onnx_bytes(OrderedOutputs(probe, names), (images, contrast), "the probe graph",
+                             input_names=["images", "contrast"], output_names=names, **options)
     problems = tensorrt_incompatibilities(model)
     if problems:
         warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)

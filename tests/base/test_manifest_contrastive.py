@@ -7,6 +7,7 @@ from gradprobe.base.errors import BundleError
 from gradprobe.base.manifest import Manifest
 
 from .test_manifest import DELETE, GOLDEN
+from .test_manifest import _edit as edit_golden
 
 HEAD_FILE = "head-contrastive-0123456789abcdef.onnx"
 
@@ -37,16 +38,7 @@ COMPACT, NORMS = len(GOLDEN["graph"]["outputs"]), len(GOLDEN["graph"]["outputs"]
 
 def _edit(path: str, value):
     """A copy of VALID with the field at ``path`` ("/"-separated keys, integers for list items) set or deleted."""
-    data = copy.deepcopy(VALID)
-    keys = [int(k) if k.isdigit() else k for k in path.split("/")]
-    parent = data
-    for key in keys[:-1]:
-        parent = parent[key]
-    if value is DELETE:
-        del parent[keys[-1]]
-    else:
-        parent[keys[-1]] = value
-    return data
+    return edit_golden(path, value, VALID)
 
 
 def test_valid_round_trips_exactly():
