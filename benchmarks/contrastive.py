@@ -322,7 +322,9 @@ def speed_markdown(rows: dict, environment: dict) -> str:
     lines += ["", f"- target contrastive_predict / run <= {SPEED_TARGET} at batch 64: "
                   f"**{'HOLDS' if measured <= SPEED_TARGET else 'MISSED'}** (measured {measured:.3f})",
               f"- load average before / after: {environment['load_before']} / {environment['load_after']} on "
-              f"{os.cpu_count()} cores (other engineers share this machine)", ""]
+              f"{os.cpu_count()} cores (other engineers share this machine)",
+              f"- reproduce: `python -m benchmarks.contrastive {' '.join(environment['argv'])}` (after the accuracy "
+              "part, which trains the head)", ""]
     return "\n".join(lines)
 
 
