@@ -1,7 +1,8 @@
-"""The standard test bundles, exported with torch: ``python -m tests.bundles OUT`` writes them for a run
-of the runtime tests in a venv without torch (``GRADPROBE_TEST_BUNDLES=OUT``)."""
+"""The standard test bundles, exported with torch: ``python -m tests.bundles OUT`` writes them (and the
+contrastive ones) for a run of the runtime tests in a venv without torch (``GRADPROBE_TEST_BUNDLES=OUT``)."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,29 @@ def make_bundles(folder: str | Path) -> dict[str, Path]:
     return paths
 
 
+#: name -> what it is (made by ``make_contrastive_bundles``, apart from BUNDLES so other tests do not wait for them)
+CONTRASTIVE_BUNDLES = {"contrastive-features": "the shipped ResNet emitting r_x (compact, norms, full), no head",
+                       "contrastive": "contrastive-features with a quickly trained contrastive head (compact)"}
+#: The quick second stage: clean Fashion-MNIST train images, optimizer steps (a shape-and-plumbing head).
+QUICK_HEAD_IMAGES, QUICK_HEAD_STEPS = 1000, 40
+
+
+def make_contrastive_bundles(folder: str | Path) -> dict[str, Path]:
+    from gradprobe.models import load_pretrained
+
+    folder = Path(folder)
+    example = gradprobe.data.fashion_mnist("test")[0][:4]
+    features = gradprobe.export(load_pretrained("resnet-fmnist"), example, folder / "contrastive-features",
+                                contrastive=("compact", "norms", "full"))
+    trained = folder / "contrastive"
+    shutil.rmtree(trained, ignore_errors=True)
+    shutil.copytree(features, trained)
+    images, labels = gradprobe.data.fashion_mnist("train")
+    gradprobe.load(trained, threads=1).train_contrastive(images[:QUICK_HEAD_IMAGES], labels[:QUICK_HEAD_IMAGES],
+                                                         variant="compact", max_steps=QUICK_HEAD_STEPS, progress=False)
+    return {"contrastive-features": features, "contrastive": trained}
+
+
 if __name__ == "__main__":
-    for name, path in make_bundles(sys.argv[1]).items():
+    for name, path in {**make_bundles(sys.argv[1]), **make_contrastive_bundles(sys.argv[1])}.items():
         print(f"{name}: {path}")

@@ -21,6 +21,9 @@ from .fileio import (atomic_directory, atomic_write_bytes, check_confined, check
                      read_confined, writer_lock)
 from .manifest import MANIFEST, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, FileRecord, Manifest
 
+#: Name prefixes of files that updates replace (a detector, a TensorRT engine, a head graph): an update deletes
+#: the ones the new manifest no longer points at.
+REPLACEABLE = ("detector-", "engine-", "head-")
 #: A reader that meets a bundle mid-update (a listed file just replaced) retries this often.
 READ_ATTEMPTS = 3
 
@@ -185,14 +188,15 @@ def update_bundle(path: str | os.PathLike, change: Callable[[Manifest], Manifest
         atomic_write_bytes(path / MANIFEST, text)
         for name in set(current.files) - set(updated.files):
             (path / name).unlink(missing_ok=True)
-        for stray in (*path.glob("detector-*"), *path.glob("engine-*")):  # from writers killed before their swap
+        for stray in (stray for prefix in REPLACEABLE for stray in path.glob(f"{prefix}*")):  # killed writers' files
             if stray.name not in updated.files and (stray.is_symlink() or stray.is_file()):
                 stray.unlink(missing_ok=True)  # a symlink itself, never what it points at
     return updated
 
 
 def _referenced(manifest: Manifest, files: dict) -> list[str]:
-    """Files to keep listed: every file except detector and engine files that the manifest no longer points at."""
+    """Files to keep listed: every file except replaceable ones (detectors, engines, heads) that the manifest no
+    longer points at."""
     active = {manifest.detector.file} if manifest.detector else set()
-    active |= {engine.file for engine in manifest.engines}
-    return [name for name in files if not name.startswith(("detector-", "engine-")) or name in active]
+    active |= {engine.file for engine in manifest.engines} | {head.file for head in manifest.heads}
+    return [name for name in files if not name.startswith(REPLACEABLE) or name in active]

@@ -443,6 +443,111 @@ class DetectorSection:
                 "fit": _json_value(self.fit, "detector.fit")}
 
 
+#: Variants of the contrastive feature r_x (METHODS.md §4) -> shape of one image's r_x from (C classes, d features).
+CONTRASTIVE_SHAPES = {"full": lambda c, d: (c, c, d), "compact": lambda c, d: (c, d), "norms": lambda c, d: (c,)}
+
+
+@dataclass(frozen=True)
+class ContrastiveFeatures:
+    """The contrastive features r_x the graph emits, one output ``contrastive_<variant>`` per variant."""
+
+    variants: tuple
+
+    @staticmethod
+    def output_name(variant: str) -> str:
+        return f"contrastive_{variant}"
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "ContrastiveFeatures":
+        data = _dict(data, path)
+        variants = _list(_get(data, "variants", path), f"{path}.variants",
+                         lambda v, p: _str(v, p, tuple(CONTRASTIVE_SHAPES)), max_length=len(CONTRASTIVE_SHAPES))
+        if not variants or len(set(variants)) != len(variants):
+            raise _fail(f"{path}.variants", f"distinct variants among {list(CONTRASTIVE_SHAPES)}, at least one",
+                        list(variants))
+        return cls(variants)
+
+    def to_json(self) -> dict:
+        return {"variants": list(self.variants)}
+
+    def expected_outputs(self, classes: int, features: int) -> dict:
+        """Output name -> (dtype, dims after the batch, where they come from) for every variant."""
+        return {self.output_name(variant): ("float32", CONTRASTIVE_SHAPES[variant](classes, features),
+                                            f"classifier.contrastive.variants ({variant}: C={classes}, d={features})")
+                for variant in self.variants}
+
+
+#: Outputs a head named "contrastive" must declare (dtype, shape from C) for ``Probe.contrastive_predict``.
+CONTRASTIVE_HEAD_OUTPUTS = {"contrastive_logits": ("float32", lambda c: ("B", c)),
+                            "contrastive_probs": ("float32", lambda c: ("B", c)),
+                            "contrastive_pred": ("int64", lambda c: ("B",))}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A second graph run after the probe graph in the same engine call (e.g. the contrastive MLP).
+
+    Its inputs are outputs of the probe graph (or of earlier heads), matched by name, dtype and shape;
+    its outputs join the probe outputs under names no one else uses.
+    """
+
+    name: str
+    file: str
+    inputs: tuple             # TensorSpec
+    outputs: tuple            # TensorSpec
+    fit: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "HeadSpec":
+        data = _dict(data, path)
+        inputs = _list(_get(data, "inputs", path), f"{path}.inputs", TensorSpec.from_json, max_length=16)
+        outputs = _list(_get(data, "outputs", path), f"{path}.outputs", TensorSpec.from_json, max_length=64)
+        for group, specs in (("inputs", inputs), ("outputs", outputs)):
+            names = [spec.name for spec in specs]
+            if not names or len(set(names)) != len(names):
+                raise _fail(f"{path}.{group}", "at least one tensor, names distinct", names)
+        return cls(_name(_get(data, "name", path), f"{path}.name"),
+                   check_plain_name(_get(data, "file", path), f"manifest field {path}.file"), inputs, outputs,
+                   _json_value(_dict(data.get("fit", {}), f"{path}.fit"), f"{path}.fit"))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "file": self.file, "inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs], "fit": self.fit}
+
+
+def check_heads(heads: tuple, outputs: tuple, files: dict) -> None:
+    """Heads in order: distinct names and files, listed files, inputs that exist with the same dtype and
+    shape (probe outputs or earlier heads' outputs), outputs under fresh names."""
+    available = {spec.name: spec for spec in outputs}
+    seen_names, seen_files = set(), set()
+    for index, head in enumerate(heads):
+        where = f"manifest field heads[{index}]"
+        if head.name in seen_names or head.file in seen_files:
+            raise BundleError(f"{where}: head names and files must be distinct ({head.name!r}, {head.file!r})")
+        seen_names.add(head.name)
+        seen_files.add(head.file)
+        if head.file not in files:
+            raise BundleError(f"{where}.file: {head.file!r} is not listed in files")
+        for spec in head.inputs:
+            source = available.get(spec.name)
+            if source is None or (source.dtype, tuple(source.shape)) != (spec.dtype, tuple(spec.shape)):
+                found = "no such output" if source is None else f"{source.dtype} {list(source.shape)}"
+                raise BundleError(f"{where}.inputs: {spec.name!r} must be an output of the graph or an earlier head "
+                                  f"with dtype {spec.dtype} and shape {list(spec.shape)} ({found})")
+        for spec in head.outputs:
+            if spec.name in available:
+                raise BundleError(f"{where}.outputs: {spec.name!r} is already an output of the graph or a head")
+            available[spec.name] = spec
+
+
 @dataclass(frozen=True)
 class ClassifierSection:
     """What the classifier probe graph explains and measures."""
@@ -454,6 +559,7 @@ class ClassifierSection:
     features: int
     maps: tuple               # MapSpec, in output order
     layer_grads: LayerGrads | None = None
+    contrastive: ContrastiveFeatures | None = None
 
     @classmethod
     def from_json(cls, data, path: str) -> "ClassifierSection":
@@ -468,19 +574,22 @@ class ClassifierSection:
         if len({m.name for m in maps}) != len(maps):
             raise _fail(f"{path}.maps", "distinct map names", [m.name for m in maps])
         layer_grads = data.get("layer_grads")
+        contrastive = data.get("contrastive")
         return cls(names, _str(_get(target, "name", f"{path}.target_layer"), f"{path}.target_layer.name", max_length=400),
                    _list(_get(target, "shape", f"{path}.target_layer"), f"{path}.target_layer.shape",
                          lambda v, p: _int(v, p, 1, MAX_DIM), length=3),
                    _str(_get(head, "linear", f"{path}.head"), f"{path}.head.linear", max_length=400),
                    _int(_get(head, "features", f"{path}.head"), f"{path}.head.features", 1, 1 << 24), maps,
-                   None if layer_grads is None else LayerGrads.from_json(layer_grads, f"{path}.layer_grads"))
+                   None if layer_grads is None else LayerGrads.from_json(layer_grads, f"{path}.layer_grads"),
+                   None if contrastive is None else ContrastiveFeatures.from_json(contrastive, f"{path}.contrastive"))
 
     def to_json(self) -> dict:
         return {"class_names": list(self.class_names),
                 "target_layer": {"name": self.target_layer, "shape": list(self.target_shape)},
                 "head": {"linear": self.linear, "features": self.features},
                 "maps": [m.to_json() for m in self.maps],
-                "layer_grads": None if self.layer_grads is None else self.layer_grads.to_json()}
+                "layer_grads": None if self.layer_grads is None else self.layer_grads.to_json(),
+                **({"contrastive": self.contrastive.to_json()} if self.contrastive else {})}
 
     def check_against(self, manifest: "Manifest") -> None:
         """Cross-field checks against the graph's declared inputs and outputs: every output is one this
@@ -507,6 +616,8 @@ class ClassifierSection:
         elif "layer_grad_sqnorm" in outputs:
             raise BundleError("manifest field classifier.layer_grads is missing although the graph outputs "
                               "layer_grad_sqnorm: the tap columns could not be completed")
+        if self.contrastive is not None:
+            expected.update(self.contrastive.expected_outputs(len(self.class_names), self.features))
         for name, (dtype, dims, source) in expected.items():
             if name not in outputs:
                 raise BundleError(f"manifest field graph.outputs: the classifier graph must declare {name!r} "
@@ -519,7 +630,9 @@ class ClassifierSection:
         unexplained = [name for name in outputs if name not in expected]
         if unexplained:
             raise BundleError(f"manifest field classifier.maps / classifier.layer_grads: graph output(s) "
-                              f"{unexplained[:8]} are described by no section; a map or tap is missing")
+                              f"{unexplained[:8]} are described by no section; a map, tap or contrastive variant "
+                              "is missing")
+        self._check_contrastive_head(manifest.heads, len(self.class_names))
 
     @staticmethod
     def _tap_outputs(tap: "Tap", where: str, outputs: dict) -> dict:
@@ -541,6 +654,23 @@ class ClassifierSection:
             raise BundleError(f"manifest field {where}.conv: {conv} gives an empty output on a {height}x{width} input")
         return {tap.input: ("float", (conv.in_channels, height, width), f"{where}.conv.in_channels"),
                 tap.grad: ("float", (conv.out_channels, out_h, out_w), f"{where}.conv")}
+
+    def _check_contrastive_head(self, heads: tuple, classes: int) -> None:
+        head = next((head for head in heads if head.name == "contrastive"), None)
+        if head is None:
+            return
+        if self.contrastive is None:
+            raise BundleError("manifest field heads: a 'contrastive' head needs classifier.contrastive features")
+        features = {ContrastiveFeatures.output_name(variant) for variant in self.contrastive.variants}
+        if not set(head.input_names) <= features:
+            raise BundleError(f"manifest field heads: the 'contrastive' head must read contrastive features "
+                              f"{sorted(features)}, not {head.input_names}")
+        declared = {spec.name: spec for spec in head.outputs}
+        for name, (dtype, shape) in CONTRASTIVE_HEAD_OUTPUTS.items():
+            spec = declared.get(name)
+            if spec is None or spec.dtype != dtype or tuple(spec.shape) != shape(classes):
+                raise BundleError(f"manifest field heads: the 'contrastive' head must output {name} as {dtype} of "
+                                  f"shape {list(shape(classes))}")
 
 
 #: Kinds of bundle and the section each one carries (name of the section = name of the kind).
@@ -564,9 +694,10 @@ class Manifest:
     created: str = ""
     export: dict = field(default_factory=dict)
     engines: tuple = ()             # EngineRecord: TensorRT engines built from the graph
+    heads: tuple = ()               # HeadSpec, run after the graph in this order
 
     FIELDS: ClassVar = ("format", "schema_version", "kind", "gradprobe_version", "created", "model", "input",
-                        "graph", "score_orientation", "files", "detector", "export", "engines")
+                        "graph", "score_orientation", "files", "detector", "export", "engines", "heads")
 
     @property
     def classifier(self) -> ClassifierSection:
@@ -616,7 +747,8 @@ class Manifest:
             gradprobe_version=_str(data.get("gradprobe_version", ""), "gradprobe_version", max_length=64),
             created=_str(data.get("created", ""), "created", max_length=64),
             export=_json_value(_dict(data.get("export", {}), "export"), "export"),
-            engines=_list(data.get("engines", []), "engines", EngineRecord.from_json, max_length=64))
+            engines=_list(data.get("engines", []), "engines", EngineRecord.from_json, max_length=64),
+            heads=_list(data.get("heads", []), "heads", HeadSpec.from_json, max_length=16))
         manifest.check()
         return manifest
 
@@ -662,6 +794,7 @@ class Manifest:
             if tuple(source.shape[1:]) != (self.detector.feature_count,):
                 raise BundleError(f"manifest field detector.feature_count: {self.detector.feature_count} features, but "
                                   f"detector.features {source.name!r} has shape {list(source.shape)}")
+        check_heads(self.heads, self.outputs, self.files)
         self.section.check_against(self)
 
     def to_json(self) -> dict:
@@ -675,4 +808,5 @@ class Manifest:
                 "score_orientation": SCORE_ORIENTATION,
                 "files": {name: record.to_json() for name, record in sorted(self.files.items())},
                 "export": _json_value(self.export, "export"),
-                **({"engines": [engine.to_json() for engine in self.engines]} if self.engines else {})}
+                **({"engines": [engine.to_json() for engine in self.engines]} if self.engines else {}),
+                **({"heads": [head.to_json() for head in self.heads]} if self.heads else {})}

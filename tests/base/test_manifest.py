@@ -12,10 +12,10 @@ from tests.base.test_damaged_bundles import DELETE, set_field
 GOLDEN = json.loads((Path(__file__).parent / "data" / "manifest-deep.json").read_text())
 
 
-def _edit(path: str, value):
-    """A copy of the golden manifest with the field at ``path`` (keys split by "/", or "." when there is no
-    "/"; [i] for list items) set to ``value`` (or deleted)."""
-    data = copy.deepcopy(GOLDEN)
+def _edit(path: str, value, base: dict | None = None):
+    """A copy of the golden manifest (or ``base``) with the field at ``path`` (keys split by "/", or "." when there
+    is no "/"; [i] for list items) set to ``value`` (or deleted)."""
+    data = copy.deepcopy(GOLDEN if base is None else base)
     parts = path.replace("[", "/" if "/" in path else ".").replace("]", "").split("/" if "/" in path else ".")
     set_field(data, tuple(int(k) if k.isdigit() else k for k in parts), value)
     return data
