@@ -629,7 +629,7 @@ class ClassifierSection:
                                   f"[B, {', '.join(map(str, dims))}] ({source}), got {spec.dtype} {list(spec.shape)}")
         unexplained = [name for name in outputs if name not in expected]
         if unexplained:
-            raise BundleError(f"manifest field classifier.maps / classifier.layer_grads: graph output(s) "
+            raise BundleError(f"manifest field classifier.maps / .layer_grads / .contrastive.variants: graph output(s) "
                               f"{unexplained[:8]} are described by no section; a map, tap or contrastive variant "
                               "is missing")
         self._check_contrastive_head(manifest.heads, len(self.class_names))

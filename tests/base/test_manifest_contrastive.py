@@ -61,17 +61,18 @@ DAMAGES = [
     ("classifier/contrastive/variants", [], "at least one"),
     ("classifier/contrastive/variants", ["compact", "compact"], "distinct variants"),
     ("classifier/contrastive/variants", "compact", "variants: expected a list"),
-    ("classifier/contrastive/variants", ["compact"], "graph outputs contrastive_norms but the variants are"),
-    ("classifier/contrastive/variants", ["compact", "norms", "full"], "variant 'full' needs a float32 output"),
+    ("classifier/contrastive/variants", ["compact"], "'contrastive_norms'] are described by no section"),
+    ("classifier/contrastive/variants", ["compact", "norms", "full"], "must declare 'contrastive_full' "
+                                                                       "(classifier.contrastive.variants (full"),
     ("classifier/contrastive", [], "classifier.contrastive: expected an object"),
-    ("classifier/contrastive", DELETE, "graph outputs contrastive_compact but the variants are []"),
-    ("classifier/contrastive", None, "graph outputs contrastive_compact"),
+    ("classifier/contrastive", DELETE, "['contrastive_compact', 'contrastive_norms'] are described by no section"),
+    ("classifier/contrastive", None, "['contrastive_compact', 'contrastive_norms'] are described by no section"),
     (f"graph/outputs/{COMPACT}/shape", ["B", 10, 64], "'contrastive_compact' must be an output of the graph or an "
                                                      "earlier head with dtype float32 and shape ['B', 10, 128] "
                                                      "(float32 ['B', 10, 64])"),
-    (f"graph/outputs/{NORMS}/dtype", "float64", "variant 'norms' needs a float32 output contrastive_norms of shape "
-                                                "['B', 10]"),
-    (f"graph/outputs/{NORMS}/shape", ["B", 11], "variant 'norms' needs"),
+    (f"graph/outputs/{NORMS}/dtype", "float64", f"graph.outputs[{NORMS}] (contrastive_norms): expected float32 [B, 10] "
+                                                "(classifier.contrastive.variants (norms"),
+    (f"graph/outputs/{NORMS}/shape", ["B", 11], f"graph.outputs[{NORMS}] (contrastive_norms): expected float32 [B, 10]"),
     ("heads", {}, "heads: expected a list"),
     ("heads", [VALID["heads"][0]] * 17, "heads: expected a list of at most 16 items"),
     ("heads", [VALID["heads"][0]] * 2, "head names and files must be distinct"),
