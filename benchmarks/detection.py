@@ -306,7 +306,7 @@ def _add_arguments(parser, default_n: int) -> None:
                                                              "or .venv-peers/bin/python)")
     parser.add_argument("--layer-grads", action=argparse.BooleanOptionalAction, default=True,
                         help="default bundle with per-layer gradient norms (default on)")
-    parser.add_argument("--out", default=str(timing.RESULTS), help="folder for the .md, .json and ROC .png")
+    timing.add_output_arguments(parser)
 
 
 def _check_n(n: int) -> None:
@@ -335,8 +335,3 @@ EVALUATIONS = {
     "corruption": ("clean vs corrupted Fashion-MNIST (8 types x 5 levels), the same detectors",
                    lambda parser: _add_arguments(parser, 300), _run_corruption),
 }
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

@@ -13,7 +13,6 @@ bundle's logits subgraph run by the ONNX Runtime backend.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,7 +81,7 @@ def measure(count: int, steps: int, threads: int, seed: int) -> dict:
         bundle = gradprobe.export(load_pretrained("resnet-fmnist"), images[:8], work / "bundle")
         probe = gradprobe.load(bundle, threads=threads, spinning=False)
         explanation = probe.explain(images)
-        methods = {spec.name: f"{spec.name} (ours): {spec.question.replace(chr(10), ' ')}"
+        methods = {spec.name: f"{spec.name} (ours): {spec.question.format(P='P', Q='Q').replace(chr(10), ' ')}"
                    for spec in probe.manifest.classifier.maps}
         maps = dict(explanation.maps)
         rng = np.random.default_rng(seed)
@@ -142,8 +141,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=28, help="28 steps of 28 pixels on 28x28 images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="faithfulness", help="results name (default faithfulness)")
-    parser.add_argument("--out", default=str(timing.RESULTS), help="results folder (default benchmarks/results)")
+    timing.add_output_arguments(parser, "faithfulness")
 
 
 def run(args) -> int:
@@ -154,8 +152,3 @@ def run(args) -> int:
 
 EVALUATIONS = {"faithfulness": ("deletion / insertion AUC of every explanation map, beside pytorch-grad-cam's",
                                 add_arguments, run)}
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    sys.exit(main(["eval", "faithfulness", *sys.argv[1:]]))

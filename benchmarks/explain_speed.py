@@ -16,7 +16,6 @@ after the peers (drift check); ratios = peer median / ours median.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -111,8 +110,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="resnet-fmnist,resnet18", help="comma-separated: resnet-fmnist,resnet18")
     parser.add_argument("--rounds", type=int, default=None, help="override the rounds per batch (smoke runs)")
-    parser.add_argument("--name", default="explain_speed", help="results name (default explain_speed)")
-    parser.add_argument("--out", default=str(timing.RESULTS), help="results folder (default benchmarks/results)")
+    timing.add_output_arguments(parser, "explain_speed")
 
 
 def run(args) -> int:
@@ -123,8 +121,3 @@ def run(args) -> int:
 
 EVALUATIONS = {"explain-speed": ("explanation latency: Probe.explain vs pytorch-grad-cam and Captum (peers venv)",
                                   add_arguments, run)}
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    sys.exit(main(["eval", "explain-speed", *sys.argv[1:]]))

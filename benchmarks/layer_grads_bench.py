@@ -130,7 +130,7 @@ def _high_water_mib() -> float:
 def measure_memory(bundle: Path, batch: int) -> dict:
     result = {}
     for engine in ("probe", "vmap"):
-        done = subprocess.run([sys.executable, "-m", "benchmarks.layer_grads_bench", "--memory-child", engine,
+        done = subprocess.run([sys.executable, "-m", "benchmarks.cli", "eval", "layer-grads", "--memory-child", engine,
                                str(bundle), str(batch)], capture_output=True, text=True, cwd=CHECKOUT)
         if done.returncode != 0:
             result[engine] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"}
@@ -201,8 +201,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-batch", type=int, default=256)
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--name", default="layer_grads", help="results name (default layer_grads)")
-    parser.add_argument("--out", default=str(timing.RESULTS), help="results folder (default benchmarks/results)")
+    timing.add_output_arguments(parser, "layer_grads")
     parser.add_argument("--memory-child", nargs=3, metavar=("ENGINE", "BUNDLE", "BATCH"), help=argparse.SUPPRESS)
 
 
@@ -218,8 +217,3 @@ def run(args) -> int:
 
 EVALUATIONS = {"layer-grads": ("per-layer gradient norms: probe graph vs vmap(grad) vs the per-sample loop",
                                add_arguments, run)}
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    sys.exit(main(["eval", "layer-grads", *sys.argv[1:]]))

@@ -8,7 +8,6 @@ absolute floor at the 1e-4 bound; every float output of the bundle is a column, 
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def measure() -> tuple[str, bool]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default=str(timing.RESULTS), help="results folder (default benchmarks/results)")
+    timing.add_output_arguments(parser)
 
 
 def run(args) -> int:
@@ -68,8 +67,3 @@ def run(args) -> int:
 
 EVALUATIONS = {"parity": ("parity table: every probe output vs per-sample autograd, the parity suite's models",
                           add_arguments, run)}
-
-if __name__ == "__main__":
-    from benchmarks.cli import main
-
-    sys.exit(main(["eval", "parity", *sys.argv[1:]]))

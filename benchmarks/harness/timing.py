@@ -302,6 +302,13 @@ def write_results(name: str, markdown: str, payload: dict | None = None,
     return written
 
 
+def add_output_arguments(parser, name: str | None = None) -> None:
+    """``--out DIR`` (default: the checkout's results folder) and, given a default ``name``, ``--name NAME``."""
+    if name is not None:
+        parser.add_argument("--name", default=name, help=f"file name of the results (default {name})")
+    parser.add_argument("--out", default=str(RESULTS), help=f"folder for the results (default {RESULTS})")
+
+
 def publish(name: str, markdown: str, payload: dict | None = None, directory: str | os.PathLike = RESULTS) -> None:
     """Print the table, write it (and the data) with ``write_results``, and say where."""
     print(markdown, end="" if markdown.endswith("\n") else "\n")
