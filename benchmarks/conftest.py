@@ -1,25 +1,26 @@
 """Fixtures of the latency benchmarks (pytest-benchmark). Never collected by the default test run.
 
 Run: ``.venv/bin/python -m pytest benchmarks -p no:cacheprovider`` (or ``make bench``). Threads per engine:
-$GRADPROBE_BENCH_THREADS (default 2). At the end of the session the ratio table is computed from the
-measured stats and written to ``benchmarks/results/core_latency.json`` and ``.md``.
+$GRADPROBE_BENCH_THREADS (default 2). At the end of the session the ratio table is composed from the
+measured stats (``benchmarks.latency``) and written to ``benchmarks/results/core_latency.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 import gradprobe  # noqa: E402
-from gradprobe import bench  # noqa: E402
-from gradprobe.bundle import read_manifest  # noqa: E402
+from gradprobe.base.bundle import Bundle  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import latency  # noqa: E402
+from benchmarks.harness import timing  # noqa: E402
+
 THREADS = int(os.environ.get("GRADPROBE_BENCH_THREADS", "2"))
+BATCHES = (1, 64)
 _REPORT = pytest.StashKey[dict]()
 
 
@@ -31,52 +32,48 @@ def threads() -> int:
 @pytest.fixture(scope="session")
 def core_bundle(tmp_path_factory):
     """The shipped ResNet (resnet-fmnist) exported once per session."""
+    from gradprobe.data import fashion_mnist
     from gradprobe.models import load_pretrained
 
-    model = load_pretrained("resnet-fmnist")
     path = tmp_path_factory.mktemp("bench") / "resnet-fmnist"
-    manifest_like = {"input": {"shape": [None, 1, 28, 28]}}
-    example, _ = bench.input_batch(manifest_like, 4)
-    return gradprobe.export(model, example, path)
+    return gradprobe.export(load_pretrained("resnet-fmnist"), fashion_mnist("test")[0][:4], path)
 
 
 @pytest.fixture(scope="session")
 def core_images(core_bundle):
     """batch -> (images, description): the same input batch for every engine."""
-    manifest = read_manifest(core_bundle)
-    return {batch: bench.input_batch(manifest, batch) for batch in (1, 64)}
+    manifest = Bundle.open(core_bundle).manifest
+    return {batch: latency.input_batch(manifest, batch) for batch in BATCHES}
 
 
 @pytest.fixture(scope="session")
-def core_engines(core_bundle, tmp_path_factory, threads):
-    """(a), (b), (c) built once: ORT sessions with spinning off and pinned threads, torch with the same threads."""
-    built, skipped = bench.build_engines(core_bundle, tmp_path_factory.mktemp("engines"), threads)
-    return built, skipped
+def core_engines(core_bundle, threads):
+    """(a), (b), (c) built once: ORT backends with spinning off and pinned threads, torch with the same threads."""
+    return latency.build_engines(core_bundle, threads)
 
 
 @pytest.fixture(scope="session")
 def latency_record(request, core_bundle, core_images, threads):
     """Collects seconds per call per (engine, batch); at session end writes core_latency.json/.md."""
     record = {"times": {}, "skipped": [], "extra": {}}
-    busy_before, others = bench.busy_cores(), bench.OtherLoad().start()
-    yield record
-    other_during = others.stop()
+    with timing.load_watch() as load:
+        yield record
     if not record["times"]:
         return
-    rows = [bench.summarize(engine, batch, seconds) for (engine, batch), seconds in sorted(
+    rows = [latency.row(engine, batch, seconds) for (engine, batch), seconds in sorted(
         record["times"].items(), key=lambda item: (item[0][1], item[0][0]))]
-    ratios, targets = bench.compose(rows)
-    manifest = read_manifest(core_bundle)
+    ratios, targets = latency.compose(rows)
+    manifest = Bundle.open(core_bundle).manifest
     result = {
         "bundle": "resnet-fmnist (shipped checkpoint, exported in the session)",
-        "model": {"class": manifest["model"]["class"], "config": manifest["model"]["config"],
-                  "parameters": manifest["model"]["parameters"]},
-        "target_layer": manifest["target_layer"]["name"],
-        "engines": dict(bench.ENGINES),
-        "batches": sorted(core_images),
+        "model": {"class": manifest.model.class_name, "config": manifest.model.config,
+                  "parameters": manifest.model.parameters},
+        "target_layer": manifest.classifier.target_layer,
+        "maps": [spec.name for spec in manifest.classifier.maps],
+        "engines": dict(latency.ENGINES),
+        "batches": list(BATCHES),
         "inputs": {str(b): description for b, (_, description) in core_images.items()},
-        "environment": {**bench._environment(threads), "busy_cores_before": busy_before,
-                        "other_busy_cores_during": other_during},
+        "environment": {**timing.environment(threads), **load},
         "method": ("pytest-benchmark pedantic, one block per engine and batch (not interleaved; "
                    "`gradprobe bench` interleaves); (d) in a peers-venv subprocess after (a)-(c); ORT spinning "
                    f"off, {threads} intra-op threads; torch.set_num_threads({threads}); ratios of medians"),
@@ -87,7 +84,7 @@ def latency_record(request, core_bundle, core_images, threads):
         "skipped": record["skipped"],
         **record["extra"],
     }
-    bench.write_results(result, RESULTS, name="core_latency")
+    latency.write(result, "core_latency")
     request.config.stash[_REPORT] = result
 
 
@@ -96,5 +93,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if result is None:
         return
     terminalreporter.section("gradprobe core latency (ratios of medians)")
-    terminalreporter.write(bench.format_table(result))
-    terminalreporter.write_line(f"written: {RESULTS / 'core_latency.json'} and .md")
+    terminalreporter.write(latency.format_table(result))
+    terminalreporter.write_line(f"written: {timing.RESULTS / 'core_latency.json'} and .md")

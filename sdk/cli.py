@@ -218,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     for name, text in HARNESS_COMMANDS.items():
+        # prefix_chars NUL (never in argv): no argument is an option here, so all of them, -h and leading
+        # options included, reach the harness's own parser instead of failing as unrecognized
         harness = commands.add_parser(name, help=f"{text} (source checkout only; `gradprobe {name} -h` for options)",
-                                      add_help=False)
+                                      add_help=False, prefix_chars="\0")
         harness.add_argument("arguments", nargs=argparse.REMAINDER)
         harness.set_defaults(handler=_harness)
     return parser

@@ -1,41 +1,39 @@
-"""Peer OOD scores from pytorch-ood on the bundle's own model (runs in .venv-peers: needs torchvision).
+"""Peer OOD scores from pytorch-ood on the bundle's own model (runs in the peers venv: needs torchvision).
 
-Usage: ood_peers.py CHECKPOINT SETS.npz FIT.npz OUT.npz
-SETS.npz: named image sets float32 [N,1,28,28] in [0,1]; FIT.npz: in-distribution fit images and labels
-(for Mahalanobis only, disjoint from every scored set). OUT.npz: "<detector>/<set>" -> scores [N],
-pytorch-ood's orientation, which is ours too: higher means more anomalous.
+``ood_peers.py SPEC.json`` through ``benchmarks.harness.peers.run_peer``. SPEC: the model spec (checkpoint,
+target_layer, normalize, threads) and "sets": SETS.npz (named image sets float32 [N, 1, H, W] in [0, 1]),
+"fit": FIT.npz (in-distribution "images" and "labels", for Mahalanobis only, disjoint from every scored
+set), "out": OUT.npz. Writes "<detector>/<set>" -> scores [N] in pytorch-ood's orientation, which is
+ours too: higher means more anomalous. Result line: {"out", "detectors", "seconds", "torch", "pytorch-ood"}.
 """
-import sys
+from __future__ import annotations
+
 import time
 
-import numpy as np
-import torch
-from torch import nn
+from peer_common import load_model, print_result, read_spec  # beside this script; puts the checkout on sys.path
 
-from gradprobe.models import load_checkpoint
-from pytorch_ood.detector import ODIN, EnergyBased, GradNorm, GradUncertainty, Mahalanobis, MaxSoftmax
+from benchmarks.harness.timing import versions
 
 
-class Normalize(nn.Module):
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+def main(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    from pytorch_ood.detector import ODIN, EnergyBased, GradNorm, GradUncertainty, Mahalanobis, MaxSoftmax
+    from torch import nn
 
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
-def main(checkpoint, sets_path, fit_path, out_path):
     torch.manual_seed(0)
-    model = load_checkpoint(checkpoint)
-    mean, std = getattr(model, "input_normalization", ((0.0,), (1.0,)))
-    net = nn.Sequential(Normalize(mean, std), model).eval()  # takes [0, 1] images like the bundle
+    model, _, mean, std = load_model(spec)
+
+    class Normalize(nn.Module):
+        def forward(self, x):
+            return (x - mean) / std
+
+    net = nn.Sequential(Normalize(), model).eval()  # takes [0, 1] images like the bundle
     fc = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
 
     def forward(x):  # (logits, penultimate features h = the input of the last Linear), one pass
         captured = {}
-        hook = dict(net.named_modules())[fc].register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+        hook = net.get_submodule(fc).register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
         try:
             logits = net(x)
         finally:
@@ -45,12 +43,12 @@ def main(checkpoint, sets_path, fit_path, out_path):
     def encoder(x):
         return forward(x)[1]
 
-    fit = np.load(fit_path)
+    fit = np.load(spec["fit"])
     with torch.no_grad():
         mahalanobis = Mahalanobis(encoder).fit_features(encoder(torch.from_numpy(fit["images"])),
                                                         torch.from_numpy(fit["labels"]))
     # MSP, Energy and Mahalanobis share one forward pass; the others backpropagate per batch or sample.
-    # GradUncertainty on the last Linear only: on all 0.7 M parameters its vmap took ~70 ms per image here.
+    # GradUncertainty on the last Linear only: its vmap over every parameter is far too slow on CPU.
     shared = {"MSP": lambda logits, h: MaxSoftmax.score(logits),
               "Energy": lambda logits, h: EnergyBased.score(logits),
               "Mahalanobis": lambda logits, h: mahalanobis.predict_features(h)}
@@ -59,7 +57,7 @@ def main(checkpoint, sets_path, fit_path, out_path):
         "pytorch-ood GradNorm (fc.weight)": GradNorm(net, param_filter=lambda n: n == f"{fc}.weight"),
         "pytorch-ood GradUncertainty (fc)": GradUncertainty(net, param_filter=lambda n: n.startswith(f"{fc}.")),
     }
-    sets = np.load(sets_path)
+    sets = np.load(spec["sets"])
     scores, seconds = {}, {name: 0.0 for name in [*shared, *backward]}
     for set_name in sets.files:
         images = torch.from_numpy(sets[set_name])
@@ -72,10 +70,10 @@ def main(checkpoint, sets_path, fit_path, out_path):
             chunks = [detector(batch) for batch in torch.split(images, 128)]
             scores[f"{name}/{set_name}"] = torch.cat(chunks).detach().double().numpy()
             seconds[name] += time.perf_counter() - start
-    np.savez(out_path, **scores)
-    print({k: round(v, 1) for k, v in seconds.items()}, "seconds", file=sys.stderr)
+    np.savez(spec["out"], **scores)
+    return {"out": spec["out"], "detectors": [*shared, *backward], "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "torch": torch.__version__, **versions("pytorch-ood")}
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
-    main(*sys.argv[1:5])
+    print_result(main(read_spec("ood_peers.py SPEC.json")[1]))
