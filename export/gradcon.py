@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from gradprobe.errors import BundleError, InputError
+from gradprobe.base.errors import BundleError, InputError
 
 from .checkpoint import read_metadata, save_checkpoint
 
@@ -61,6 +62,9 @@ class GradConCAE(nn.Module):
 
     def decoder_weights(self) -> list[nn.Parameter]:
         return [layer.weight for layer in self.decoder_layers()]
+
+    def decoder_weight_names(self) -> tuple[str, ...]:
+        return tuple(f"up.{i}.weight" for i in range(0, len(self.up), 2))
 
     def references(self) -> list[torch.Tensor]:
         """ĝ_i, the running means of past training gradients of J (zeros before the first update)."""
@@ -194,19 +198,25 @@ def save_gradcon(model: GradConCAE, path: str | os.PathLike, **metadata):
     return save_checkpoint(model, path, **metadata)
 
 
-def load_gradcon(path: str | os.PathLike) -> tuple[GradConCAE, dict]:
-    """(model in eval mode, metadata) from a file written by :func:`save_gradcon`."""
-    from safetensors.torch import load_file
+def load_gradcon(source: str | os.PathLike | bytes) -> tuple[GradConCAE, dict]:
+    """(model in eval mode, metadata) from a file written by :func:`save_gradcon`, or its bytes."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
-    metadata = read_metadata(path)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    where = "checkpoint" if isinstance(source, bytes) else str(source)
+    metadata = read_metadata(data)
     config = metadata.get("config") or {}
     if config.get("arch") != ARCH:
-        raise BundleError(f"{path} is not a GradCon checkpoint (config {config}); train one with "
+        raise BundleError(f"{where} is not a GradCon checkpoint (config {config}); train one with "
                           "`gradprobe train-gradcon --normal-class K`")
     model = GradConCAE(config.get("in_channels", 1))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        model.load_state_dict(load(data))
+    except (SafetensorError, RuntimeError) as error:
+        raise BundleError(f"{where}: weights do not fit a GradConCAE: {str(error)[:300]}") from error
     if int(model.reference_count) == 0:
-        raise BundleError(f"{path} holds no reference gradients (the model was never trained)")
+        raise BundleError(f"{where} holds no reference gradients (the model was never trained)")
     return model.eval(), metadata
 
 
@@ -234,7 +244,7 @@ def train_normal_class(normal_class: int, out: str | os.PathLike, *, epochs: int
         def write(model, record):
             command = (f"gradprobe train-gradcon --normal-class {normal_class} --epochs {record['epochs']} "
                        f"--seed {seed}{' --quick' if quick else ''} --out {os.fspath(path)}")
-            record.update(normal_class=normal_class, split_seed=split_seed, quick=quick, path=os.fspath(path))
+            record.update(normal_class=normal_class, split_seed=split_seed, quick=quick)
             save_gradcon(model, path, normal_class=normal_class, split_seed=split_seed, trained_with=command,
                          protocol="GPND Fashion-MNIST: folds 0-2 train, fold 3 validation",
                          torch_version=torch.__version__, training={k: v for k, v in record.items() if k != "history"})

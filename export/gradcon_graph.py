@@ -12,31 +12,35 @@ Then cos_i = G_b·ĝ_i / (max(‖G_b‖, ε)·max(‖ĝ_i‖, ε)), the normalit
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import datetime
 import os
 import warnings
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradprobe.errors import ExportError, InputError
-from gradprobe.fileio import atomic_path
+import gradprobe
+from gradprobe.base.bundle import write_bundle
+from gradprobe.base.errors import BackendUnavailableError, ExportError, InputError
+from gradprobe.base.manifest import GRADCON_OUTPUTS, GradConSection, InputSpec, Manifest, ModelInfo, TensorSpec
 from gradprobe.kernels import ConvSpec
 
-from .gradcon import BETA, COSINE_EPS, GradConCAE, flat_cosine
+from .gradcon import BETA, COSINE_EPS, GradConCAE, flat_cosine, parameter_count
 from .layer_grads import PatchExtractor
-from .tensorrt_ops import tensorrt_incompatibilities
+from .parity import parity_errors
+from .pipeline import GRAPH_FILE, VERIFY_TOLERANCE, WEIGHTS_FILE, export_batch, onnx_bytes
 
-OUTPUT_NAMES = ("score", "normality", "recon_loss", "cosine")
+OUTPUT_NAMES = GRADCON_OUTPUTS
 OUTPUT_MEANINGS = {
     "score": "anomaly score [B] = recon_loss − β·mean(cosine); higher = more anomalous (gradprobe's sign)",
     "normality": "GradCon normality score s [B] = −recon_loss + β·mean(cosine); higher = more normal "
                  "(the authors' sign; score = −normality)",
     "recon_loss": "per-sample pixel MSE of the reconstruction [B]",
     "cosine": "cosine between each decoder weight's per-sample gradient of recon_loss and its stored "
-              "training reference [B, 4] (up.0, up.2, up.4, up.6)",
+              "training reference [B, decoder weights] (gradcon.decoder_weights in the manifest)",
 }
 
 
@@ -113,7 +117,7 @@ def vmap_reference(model: GradConCAE, images: torch.Tensor, beta: float = BETA):
     model = model.eval()
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
-    names = [f"up.{i}.weight" for i in range(0, len(model.up), 2)]
+    names = model.decoder_weight_names()
 
     def loss_of(decoder, image):
         image = image[None]
@@ -131,45 +135,97 @@ def vmap_reference(model: GradConCAE, images: torch.Tensor, beta: float = BETA):
     return -normality, normality, recon_loss, cosine
 
 
-def _export_batch(images: torch.Tensor) -> int:
-    """An example batch equal to no other dimension of the graph, or the exporter fixes the batch silently."""
-    taken = set(images.shape[1:]) | {1, 3, 4, 5, 8, 9, 14, 15, 16, 28, 32, 64}
-    return next(b for b in (17, 19, 23, 29, 31, 37) if b not in taken)
+#: Every dimension inside the score graph (channels, sizes, patch lengths): the example batch must differ.
+GRAPH_DIMS = (1, 3, 4, 5, 8, 9, 14, 15, 16, 28, 32, 64, 196, 512, 1024)
+#: The issue's bound for the deployed score against per-sample autograd (absolute, every output).
+AUTOGRAD_TOLERANCE = 1e-4
 
 
-def export_gradcon_onnx(score: GradConScore, path: str | os.PathLike, example: torch.Tensor | None = None,
-                        opset: int | None = None) -> list[str]:
-    """Write the score graph with a symbolic batch; return what would stop TensorRT parsing it (empty: none)."""
-    channels = score.layers[-1].out_channels
+def _example(example, channels: int) -> torch.Tensor:
     if example is None:
-        example = torch.rand(1, channels, 28, 28, generator=torch.Generator().manual_seed(0))
-    if example.ndim != 4 or example.shape[1:] != (channels, 28, 28):
-        raise InputError(f"example must be [N, {channels}, 28, 28], got {list(example.shape)}")
-    batch = _export_batch(example)
-    images = example.float().repeat((batch + len(example) - 1) // len(example), 1, 1, 1)[:batch]
-    kwargs = dict(dynamo=True, input_names=["images"], output_names=list(OUTPUT_NAMES),
-                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 20)},),
-                  external_data=False, verbose=False)
-    if opset is not None:
-        kwargs["opset_version"] = opset
-    log = logging.getLogger("torch.onnx")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    import onnx
+        return torch.rand(4, channels, 28, 28, generator=torch.Generator().manual_seed(0))
+    if isinstance(example, np.ndarray):
+        example = torch.from_numpy(np.ascontiguousarray(example))
+    if not isinstance(example, torch.Tensor) or example.dim() != 4 or tuple(example.shape[1:]) != (channels, 28, 28) \
+            or len(example) == 0 or not example.is_floating_point() or not torch.isfinite(example).all():
+        raise InputError(f"example_input must be finite float images [N, {channels}, 28, 28] in [0, 1], got "
+                         f"{getattr(example, 'dtype', type(example).__name__)} {list(getattr(example, 'shape', []))}")
+    return example.detach().float().clamp(0, 1)
 
-    with atomic_path(path) as temporary:
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                torch.onnx.export(score, (images,), str(temporary), **kwargs)
-        except Exception as error:
-            raise ExportError(f"torch.onnx.export failed on the GradCon score graph: {type(error).__name__}: "
-                              f"{str(error)[:2000]}") from error
-        finally:
-            log.setLevel(level)
-        model = onnx.load(str(temporary))
-        first = model.graph.input[0].type.tensor_type.shape.dim[0]
-        if not first.dim_param:
-            raise ExportError(f"the exported GradCon graph has a fixed batch of {first.dim_value}; "
-                              "it must be symbolic")
-    return tensorrt_incompatibilities(model)
+
+def score_onnx(score: GradConScore, example=None, opset: int | None = None) -> tuple[bytes, list[str], torch.Tensor]:
+    """The score graph as ONNX bytes with a symbolic batch, its TensorRT parser problems (empty: none) and
+    the images it was exported with (the examples cycled, for verification)."""
+    example = _example(example, score.layers[-1].out_channels)
+    batch = export_batch(example, *GRAPH_DIMS)
+    images = example[torch.arange(batch) % len(example)].contiguous()
+    graph, problems = onnx_bytes(score, {"images": images}, list(OUTPUT_NAMES), opset, "the GradCon score graph")
+    return graph, problems, images
+
+
+def verify(graph: bytes, manifest: Manifest, model: GradConCAE, score: GradConScore, images: torch.Tensor) -> dict:
+    """The exported graph through the runtime engine against the torch module (relative to each output's
+    largest value) and against per-sample autograd (absolute); ExportError beyond the tolerances."""
+    from gradprobe.runtime import ProbeEngine, create_backend
+
+    try:
+        engine = ProbeEngine(create_backend("onnxruntime", graph), manifest)
+    except BackendUnavailableError:
+        warnings.warn("onnxruntime is not installed: the exported GradCon graph was not verified "
+                      "(pip install 'gradprobe[cpu]')", stacklevel=3)
+        return {}
+    try:
+        got = engine.infer(images.numpy())
+    finally:
+        engine.close()
+    with torch.no_grad():
+        expected = {name: value.numpy() for name, value in zip(OUTPUT_NAMES, score(images))}
+    oracle = {name: value.detach().numpy() for name, value in zip(OUTPUT_NAMES, autograd_reference(model, images))}
+    errors = {"torch": parity_errors(got, expected, floor=1e-12, per_output=True),
+              "autograd_abs": {name: float(np.abs(got[name] - oracle[name]).max()) for name in OUTPUT_NAMES}}
+    bad = {k: v for k, v in errors["torch"].items() if v > VERIFY_TOLERANCE}
+    bad.update({f"{k} vs autograd": v for k, v in errors["autograd_abs"].items() if v > AUTOGRAD_TOLERANCE})
+    if bad:
+        raise ExportError(f"the exported GradCon graph disagrees with torch beyond tolerance: {bad}")
+    return errors
+
+
+def describe(model: GradConCAE, score: GradConScore, training: dict | None) -> Manifest:
+    """The typed manifest of a GradCon bundle."""
+    channels = score.layers[-1].out_channels
+    shapes = {"score": ("B",), "normality": ("B",), "recon_loss": ("B",), "cosine": ("B", len(score.layers))}
+    return Manifest(
+        kind="gradcon", input=InputSpec((channels, 28, 28), (0.0, 1.0), (0.0,) * channels, (1.0,) * channels),
+        graph=GRAPH_FILE, inputs=(TensorSpec("images", "float32", ("B", channels, 28, 28), "images in [0, 1]"),),
+        outputs=tuple(TensorSpec(name, "float32", shapes[name], OUTPUT_MEANINGS[name]) for name in OUTPUT_NAMES),
+        section=GradConSection(score.beta, model.decoder_weight_names(), training=dict(training or {})),
+        model=ModelInfo(type(model).__name__, parameter_count(model), WEIGHTS_FILE, dict(model.config)),
+        files={}, gradprobe_version=gradprobe.__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def export_gradcon_bundle(model: GradConCAE, example_input=None, path: str | os.PathLike = "gradcon-bundle", *,
+                          beta: float = BETA, opset: int | None = None, training: dict | None = None) -> Path:
+    """A GradCon bundle at ``path``: the score graph, the weights with their reference gradients, the manifest.
+
+    ``example_input``: images [N, C, 28, 28] in [0, 1] to export and verify with (default: seeded noise).
+    ``training``: what to record about the model (normal class, epochs ...). The threshold comes later,
+    from ``gradprobe.load(path).calibrate(...)``. Also reached as ``gradprobe.export(model, example, path)``.
+    """
+    if not isinstance(model, GradConCAE):
+        raise InputError(f"model must be a GradConCAE, got {type(model).__name__}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1e6:
+        raise InputError(f"beta must be a number >= 0, got {beta!r}")
+    model = model.eval()
+    score = GradConScore(model, beta).eval()
+    graph, problems, images = score_onnx(score, example_input, opset)
+    manifest = describe(model, score, training)
+    errors = verify(graph, manifest, model, score, images)
+    manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
+                            "verified_against_torch": errors.get("torch", {}), "verify_tolerance": VERIFY_TOLERANCE,
+                            "max_abs_error_vs_autograd": errors.get("autograd_abs", {}),
+                            "autograd_tolerance": AUTOGRAD_TOLERANCE, "tensorrt_problems": problems})
+    from .checkpoint import checkpoint_bytes
+
+    weights = checkpoint_bytes(model, training=dict(training or {}))
+    return write_bundle(path, manifest, {GRAPH_FILE: graph, WEIGHTS_FILE: weights})

@@ -121,15 +121,15 @@ def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding:
     return probe, norms, outputs
 
 
-def _export_batch(example: torch.Tensor, classes: int) -> int:
+def export_batch(example: torch.Tensor, *other_dims: int) -> int:
     """An example batch size equal to no other dimension: otherwise the exporter silently fixes the batch."""
-    taken = set(example.shape[1:]) | {classes}
+    taken = set(example.shape[1:]) | set(other_dims)
     return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
 
 
 def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Export and verification inputs: the examples, cycled and jittered, and every contrast class."""
-    batch = _export_batch(example, classes)
+    batch = export_batch(example, classes)
     images = example[torch.arange(batch) % example.shape[0]].clone()
     images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
     contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
@@ -140,11 +140,17 @@ def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, tor
 def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
             opset: int | None) -> tuple[bytes, list[str]]:
     """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+    return onnx_bytes(OrderedOutputs(probe, names), {"images": images, "contrast": contrast}, names, opset)
+
+
+def onnx_bytes(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int | None,
+               what: str = "the probe graph") -> tuple[bytes, list[str]]:
+    """``module`` exported with a symbolic batch (first dim of every input), and its TensorRT parser problems."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kwargs = dict(dynamo=True, input_names=["images", "contrast"], output_names=names,
-                  dynamic_shapes=({0: batch}, {0: batch}), external_data=False, verbose=False)
+    kwargs = dict(dynamo=True, input_names=list(inputs), output_names=output_names,
+                  dynamic_shapes=tuple({0: batch} for _ in inputs), external_data=False, verbose=False)
     if opset is not None:
         kwargs["opset_version"] = opset
     torch_onnx_log = logging.getLogger("torch.onnx")
@@ -155,10 +161,10 @@ def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             path = Path(folder) / GRAPH_FILE
-            torch.onnx.export(OrderedOutputs(probe, names), (images, contrast), str(path), **kwargs)
+            torch.onnx.export(module, tuple(inputs.values()), str(path), **kwargs)
             data = path.read_bytes()
     except Exception as error:
-        raise ExportError(f"torch.onnx.export failed on the probe graph: {type(error).__name__}: "
+        raise ExportError(f"torch.onnx.export failed on {what}: {type(error).__name__}: "
                           f"{str(error)[:2000]}") from error
     finally:
         torch_onnx_log.setLevel(level)
@@ -170,7 +176,7 @@ def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast
                               "the batch dimension must be symbolic")
     problems = tensorrt_incompatibilities(model)
     if problems:
-        warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)
+        warnings.warn(f"{what} will not parse in TensorRT: {problems[:3]}", stacklevel=3)
     return data, problems
 
 

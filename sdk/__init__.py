@@ -12,7 +12,8 @@ from .base.errors import (BackendUnavailableError, BundleError, DataError, Expor
 
 __version__ = "0.2.0"
 
-_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "cli", "detect", "explain", "base"}
+_LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "cli", "detect", "explain", "base",
+                 "gradcon"}
 _LAZY_ATTRIBUTES = {"load": ("probe", "load"), "Probe": ("probe", "Probe"),
                     "ProbeResult": ("results", "ProbeResult"), "Explanation": ("explain", "Explanation"),
                     "DetectionResult": ("detect", "DetectionResult")}

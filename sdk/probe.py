@@ -18,7 +18,7 @@ from .base.manifest import Manifest
 from .results import ProbeResult
 
 #: manifest kind -> "module:Class" of the facade that runs such bundles.
-FACADES = {"classifier": "gradprobe.probe:Probe"}
+FACADES = {"classifier": "gradprobe.probe:Probe", "gradcon": "gradprobe.gradcon:GradConProbe"}
 
 
 def _wanted_files(manifest: Manifest) -> list[str]:
@@ -139,7 +139,8 @@ class Probe:
 
 
 def load(bundle: str | os.PathLike, **options):
-    """Open a bundle written by ``gradprobe.export`` with the facade its kind needs (``Probe`` for classifiers)."""
+    """Open a bundle written by ``gradprobe.export`` with the facade its kind needs (``Probe`` for classifiers,
+    ``GradConProbe`` for GradCon anomaly detectors)."""
     kind = Bundle.open(bundle).manifest.kind
     module_name, class_name = FACADES[kind].split(":")
     return getattr(importlib.import_module(module_name), class_name)(Path(bundle), **options)

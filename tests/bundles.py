@@ -10,7 +10,8 @@ import gradprobe
 #: name -> what it is
 BUNDLES = {"plain": "the shipped ResNet, maps and last-layer norms",
            "deep": "the shipped ResNet with layer_grads=True",
-           "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits"}
+           "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits",
+           "gradcon": "a GradCon detector of trousers (class 1) after 40 training steps, threshold calibrated"}
 
 
 def make_bundles(folder: str | Path) -> dict[str, Path]:
@@ -25,7 +26,24 @@ def make_bundles(folder: str | Path) -> dict[str, Path]:
              "calibrated": gradprobe.export(model, example, folder / "calibrated", layer_grads=True)}
     gradprobe.load(paths["calibrated"]).calibrate(fmnist_part("fit", 600)[0], ood_set("digits", "fit", 300),
                                                   kind="paper")
+    paths["gradcon"] = make_gradcon_bundle(folder / "gradcon")
     return paths
+
+
+def make_gradcon_bundle(path: Path) -> Path:
+    """Trained briefly on the GPND training folds of class 1, calibrated on its validation fold (max F1)."""
+    from gradprobe.data import fashion_mnist_pooled, gpnd_folds, gpnd_split
+    from gradprobe.export.gradcon import QUICK, train_gradcon
+
+    images, labels = fashion_mnist_pooled()
+    split = gpnd_split(labels, gpnd_folds(labels), normal_class=1, outlier_percent=50)
+    model, _ = train_gradcon(images[split["train"]][:QUICK["train_limit"]], epochs=1, max_steps=QUICK["max_steps"],
+                             progress=False)
+    val, is_outlier = images[split["val"]][::4], split["val_outlier"][::4]
+    gradprobe.export(model, val[:4], path, training={"normal_class": 1, "steps": QUICK["max_steps"]})
+    with gradprobe.load(path) as probe:
+        probe.calibrate(val[~is_outlier], val[is_outlier])
+    return path
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import torch.nn.functional as F  # noqa: E402
-
+import gradprobe  # noqa: E402
+from gradprobe.base.bundle import Bundle  # noqa: E402
+from gradprobe.base.errors import BundleError, ExportError, InputError  # noqa: E402
 from gradprobe.data import fashion_mnist, fashion_mnist_pooled, gpnd_folds, gpnd_split  # noqa: E402
-from gradprobe.errors import BundleError, ExportError, InputError  # noqa: E402
 from gradprobe.export import gradcon as gc  # noqa: E402
 from gradprobe.export.gradcon_graph import (OUTPUT_NAMES, GradConScore, autograd_reference,  # noqa: E402
-                                            export_gradcon_onnx, vmap_reference)
+                                            score_onnx, vmap_reference)
 
 PARITY = 1e-4  # the issue's bound for the deployed score against per-sample autograd
 
@@ -64,7 +64,6 @@ def test_references_are_the_running_mean_of_the_gradients_of_j():
 
 def test_the_constraint_is_differentiated(trained):
     """Second order: J's gradient on the encoder differs from L's (the cosine depends on the encoder)."""
-    model, _ = trained
     model = gc.GradConCAE(1).eval()
     model.load_state_dict(trained[0].state_dict())
     images = torch.from_numpy(fashion_mnist("test")[0][:64])
@@ -102,23 +101,39 @@ def test_score_graph_is_exact_in_float64(trained, test_images):
         assert float((a - b).abs().max()) < 1e-12, name
 
 
-def test_onnx_graph_runs_in_onnxruntime_with_a_symbolic_batch(trained, test_images, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+def test_onnx_graph_runs_in_onnxruntime_with_a_symbolic_batch(trained, test_images):
     onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from gradprobe.runtime import create_backend
+
     model, _ = trained
-    path = tmp_path / "gradcon.onnx"
-    problems = export_gradcon_onnx(GradConScore(model), path, test_images[:5])
+    graph, problems, _ = score_onnx(GradConScore(model), test_images[:5])
     assert problems == []  # parses in TensorRT's ONNX parser (op allow-list)
-    graph = onnx.load(str(path))
-    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    assert [o.name for o in graph.graph.output] == list(OUTPUT_NAMES)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    proto = onnx.load_from_string(graph)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    backend = create_backend("onnxruntime", graph, threads=1)
     reference = autograd_reference(model, test_images)
     for batch in (1, 7, 24):
-        got = session.run(None, {"images": test_images[:batch].numpy()})
-        for name, ours, expected in zip(OUTPUT_NAMES, got, reference):
-            assert ours.shape == tuple(expected[:batch].shape)
-            assert np.abs(ours - expected[:batch].numpy()).max() < PARITY, (name, batch)
+        got = backend.infer({"images": test_images[:batch].numpy()})
+        for name, expected in zip(OUTPUT_NAMES, reference):
+            assert got[name].shape == tuple(expected[:batch].shape)
+            assert np.abs(got[name] - expected[:batch].numpy()).max() < PARITY, (name, batch)
+
+
+def test_export_dispatches_gradcon_models_and_records_parity(trained, test_images, tmp_path):
+    model, _ = trained
+    path = gradprobe.export(model, test_images[:4].numpy(), tmp_path / "bundle", training={"normal_class": 0})
+    manifest = Bundle.open(path).manifest
+    assert manifest.kind == "gradcon" and manifest.gradcon.training == {"normal_class": 0}
+    assert manifest.gradcon.decoder_weights == model.decoder_weight_names()
+    assert max(manifest.export["max_abs_error_vs_autograd"].values()) < PARITY
+    assert manifest.export["tensorrt_problems"] == []
+    weights, _ = gc.load_gradcon(Bundle.open(path).read(manifest.model.weights))
+    for a, b in zip(weights.references(), model.references()):
+        assert torch.equal(a, b)  # the references travel with the bundle
+    with pytest.raises(InputError, match="example_input"):
+        gradprobe.export(model, np.zeros((2, 1, 32, 32), np.float32), tmp_path / "bad")
 
 
 def test_checkpoint_round_trip_keeps_the_references(trained, tmp_path):
@@ -162,21 +177,6 @@ def test_snapshots_equal_shorter_runs():
     assert saved["record"]["epochs"] == 1
     for key, value in shorter.state_dict().items():
         torch.testing.assert_close(saved["model"].state_dict()[key], value, rtol=0, atol=0)
-
-
-def test_quick_training_detects_outliers_on_real_data():
-    """A few dozen steps already separate Fashion-MNIST trousers from the other classes."""
-    from sklearn.metrics import roc_auc_score
-
-    images, labels = fashion_mnist_pooled()
-    split = gpnd_split(labels, gpnd_folds(labels), normal_class=1, outlier_percent=50)
-    model, record = gc.train_gradcon(images[split["train"]][:gc.QUICK["train_limit"]], epochs=1,
-                                     max_steps=gc.QUICK["max_steps"], progress=False)
-    assert record["steps"] == gc.QUICK["max_steps"]
-    test = split["test"][::4]
-    with torch.no_grad():
-        score = GradConScore(model)(torch.from_numpy(images[test]))[0].numpy()
-    assert roc_auc_score(split["test_outlier"][::4], score) > 0.85
 
 
 @pytest.mark.slow
