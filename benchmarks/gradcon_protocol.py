@@ -6,8 +6,8 @@ normal image of their fold plus outliers from the other classes of the same fold
 10/20/30/40/50 % of the set. AUC: ROC area of the anomaly score (outliers positive; equal to the
 authors' AUC of the normality score with normal images positive). F1: normal images positive (as GPND),
 at the threshold that maximises F1 on the validation set of the same outlier percentage.
-Scores come from the exported ONNX graph run by ONNX Runtime; β = 0 is the reconstruction-only ablation
-(same models, same outputs).
+Scores come from the deployed path: each model exported as a bundle and run with ``gradprobe.load``
+(ONNX Runtime); β = 0 is the reconstruction-only ablation (same models, same outputs).
 
     python benchmarks/gradcon_protocol.py --epochs 100          # trains what is missing, then evaluates
     python benchmarks/gradcon_protocol.py --quick               # CI-sized: a few dozen steps per class
@@ -34,7 +34,7 @@ GPND = {"auc": (0.928, 0.932, 0.933, 0.933, 0.933), "f1": (0.968, 0.945, 0.917, 
 
 
 def models_dir(epochs: int, seed: int, quick: bool) -> Path:
-    from gradprobe.ood_data import cache_dir
+    from gradprobe.data import cache_dir
 
     return cache_dir() / "gradcon" / ("quick" if quick else f"e{epochs}-s{seed}")
 
@@ -57,62 +57,32 @@ def train_models(classes, epochs: int, seed: int, quick: bool, threads: int, sna
     return records
 
 
-def best_f1_threshold(normality: np.ndarray, is_outlier: np.ndarray) -> float:
-    """The threshold t (normal when normality > t) of highest F1, normal images positive."""
-    order = np.argsort(-normality, kind="stable")
-    ranked, normal = normality[order], ~is_outlier[order]
-    true_pos = np.cumsum(normal)
-    predicted = np.arange(1, len(ranked) + 1)
-    f1 = 2 * true_pos / (predicted + normal.sum())
-    last = np.r_[ranked[1:] != ranked[:-1], True]  # cut only between distinct values
-    best = int(np.argmax(np.where(last, f1, -1)))
-    return float(ranked[best + 1] + ranked[best]) / 2 if best + 1 < len(ranked) else float(ranked[best]) - 1e-6
-
-
-def f1_at(normality: np.ndarray, is_outlier: np.ndarray, threshold: float) -> float:
-    predicted = normality > threshold
-    true_pos = float(np.sum(predicted & ~is_outlier))
-    return 2 * true_pos / max(float(predicted.sum()) + float((~is_outlier).sum()), 1.0)
-
-
-def metrics(normality_val, outlier_val, normality_test, outlier_test) -> dict:
+def metrics(score_val, outlier_val, score_test, outlier_test) -> dict:
+    """AUC (anomalies positive) and F1 (normal positive) at the validation threshold of highest F1: the
+    threshold rule ``GradConProbe.calibrate`` uses with labelled data."""
     from sklearn.metrics import roc_auc_score
 
-    threshold = best_f1_threshold(normality_val, outlier_val)
-    return {"auc": float(roc_auc_score(outlier_test, -normality_test)),
-            "f1": f1_at(normality_test, outlier_test, threshold), "threshold": threshold}
+    from gradprobe.detect import f1_of_normal, threshold_max_f1
+
+    threshold = threshold_max_f1(score_val, outlier_val)
+    return {"auc": float(roc_auc_score(outlier_test, score_test)),
+            "f1": f1_of_normal(score_test, outlier_test, threshold), "threshold": threshold}
 
 
-def ort_scorer(model_path: Path, workdir: Path, threads: int):
-    """images -> {output: array} through the exported graph in an ONNX Runtime session."""
-    import onnxruntime as ort
-    import torch
-
+def deployed_scorer(model_path: Path, workdir: Path, threads: int):
+    """images -> GradConResult through the deployed path: the model exported as a bundle, loaded with
+    ``gradprobe.load`` (ONNX Runtime, spinning off, pinned threads)."""
+    import gradprobe
     from gradprobe.export.gradcon import load_gradcon
-    from gradprobe.export.gradcon_graph import OUTPUT_NAMES, GradConScore, export_gradcon_onnx
 
-    model, _ = load_gradcon(model_path)
-    onnx_path = workdir / f"{model_path.stem}.onnx"
-    problems = export_gradcon_onnx(GradConScore(model), onnx_path)
-    if problems:
-        raise SystemExit(f"the GradCon graph would not parse in TensorRT: {problems}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    del torch
-
-    def score(images: np.ndarray, batch: int = 256) -> dict:
-        parts = [session.run(None, {"images": images[i:i + batch]}) for i in range(0, len(images), batch)]
-        return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(OUTPUT_NAMES)}
-
-    return score
+    model, metadata = load_gradcon(model_path)
+    bundle = gradprobe.export(model, None, workdir / model_path.stem, training=metadata.get("training"))
+    return gradprobe.load(bundle, threads=threads, spinning=False)
 
 
-def evaluate(classes, folder: Path, threads: int, beta: float, limit: int | None = None) -> dict:
-    """Per class and outlier percentage: AUC and F1 of GradCon (β), of reconstruction alone (β = 0) and of
-    the cosine alone."""
+def evaluate(classes, folder: Path, threads: int, limit: int | None = None) -> dict:
+    """Per class and outlier percentage: AUC and F1 of GradCon (the bundle's β), of reconstruction alone
+    (β = 0) and of the cosine alone, all as anomaly scores (higher = more anomalous)."""
     from gradprobe.data import fashion_mnist_pooled, gpnd_folds, gpnd_split
 
     images, labels = fashion_mnist_pooled()
@@ -132,9 +102,11 @@ def evaluate(classes, folder: Path, threads: int, beta: float, limit: int | None
                         index, is_outlier = index[keep], is_outlier[keep]
                     splits[percent, name] = (index, is_outlier)
             needed = np.unique(np.concatenate([index for index, _ in splits.values()]))
-            outputs = ort_scorer(folder / f"class-{cls}.safetensors", Path(workdir), threads)(images[needed])
-            recon, cosine = outputs["recon_loss"].astype(np.float64), outputs["cosine"].astype(np.float64)
-            variants = {"gradcon": -recon + beta * cosine.mean(1), "recon": -recon, "grad": cosine.mean(1)}
+            with deployed_scorer(folder / f"class-{cls}.safetensors", Path(workdir), threads) as probe:
+                outputs = probe.run(images[needed])
+                beta = probe.section.beta
+            recon, cosine = outputs.recon_loss.astype(np.float64), outputs.cosine.astype(np.float64)
+            variants = {"gradcon": recon - beta * cosine.mean(1), "recon": recon, "grad": -cosine.mean(1)}
             rows = {}
             for percent in PERCENTS:
                 (val, val_out), (test, test_out) = splits[percent, "val"], splits[percent, "test"]
@@ -167,8 +139,8 @@ def markdown(result: dict) -> str:
              f"model kept at the epoch of lowest validation J; training all models took "
              f"{training['total_cpu_seconds'] / 60:.1f} min of CPU time ({training['total_seconds'] / 60:.1f} min "
              f"wall on a shared machine), {training['threads']} thread per model ({training['machine']}). "
-             f"Score β = {result['beta']}. Scores from the exported ONNX graph "
-             "(ONNX Runtime, CPU).", "",
+             f"Score β = {result['beta']}. Scores from the deployed bundles "
+             "(gradprobe.load, ONNX Runtime on CPU).", "",
              "| outlier % | AUC ours | AUC β=0 (recon) | AUC seed | F1 ours | F1 β=0 (recon) | F1 seed |",
              "|---|---|---|---|---|---|---|"]
     for k, percent in enumerate(PERCENTS):
@@ -208,7 +180,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     figure.suptitle("GradCon, Fashion-MNIST (GPND protocol), mean over classes")
     figure.tight_layout()
-    from gradprobe.fileio import atomic_path
+    from gradprobe.base.fileio import atomic_path
 
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
@@ -236,7 +208,7 @@ def main(argv=None) -> int:
     print(f"models in {folder} ({time.perf_counter() - started:.0f} s this run)", flush=True)
     if args.train_only:
         return 0
-    per_class = evaluate(classes, folder, args.threads, BETA, limit=200 if args.quick else None)
+    per_class = evaluate(classes, folder, args.threads, limit=200 if args.quick else None)
     command = "python benchmarks/gradcon_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
     epochs = sorted({r["epochs"] for r in records.values()})
     result = {
@@ -255,7 +227,7 @@ def main(argv=None) -> int:
     result["table"] = {int(k): v for k, v in result["table"].items()}
     out = Path(args.out)
     stem = "gradcon-quick" if args.quick else "gradcon"
-    from gradprobe.fileio import atomic_write_text
+    from gradprobe.base.fileio import atomic_write_text
 
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown(result))

@@ -240,10 +240,12 @@ def train_normal_class(normal_class: int, out: str | os.PathLike, *, epochs: int
     if quick:
         epochs, max_steps = QUICK["epochs"], QUICK["max_steps"]
         train_images, val_images = train_images[:QUICK["train_limit"]], val_images[:QUICK["val_limit"]]
+
     def save(path):
         def write(model, record):
-            command = (f"gradprobe train-gradcon --normal-class {normal_class} --epochs {record['epochs']} "
-                       f"--seed {seed}{' --quick' if quick else ''} --out {os.fspath(path)}")
+            command = (f"gradprobe train-gradcon --normal-class {normal_class} "
+                       f"{'--quick' if quick else '--epochs ' + str(record['epochs'])} --seed {seed} "
+                       f"--out {os.fspath(path)}")
             record.update(normal_class=normal_class, split_seed=split_seed, quick=quick)
             save_gradcon(model, path, normal_class=normal_class, split_seed=split_seed, trained_with=command,
                          protocol="GPND Fashion-MNIST: folds 0-2 train, fold 3 validation",

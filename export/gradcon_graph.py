@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +23,14 @@ from torch import nn
 
 import gradprobe
 from gradprobe.base.bundle import write_bundle
-from gradprobe.base.errors import BackendUnavailableError, ExportError, InputError
+from gradprobe.base.errors import ExportError, InputError
 from gradprobe.base.manifest import GRADCON_OUTPUTS, GradConSection, InputSpec, Manifest, ModelInfo, TensorSpec
 from gradprobe.kernels import ConvSpec
 
 from .gradcon import BETA, COSINE_EPS, GradConCAE, flat_cosine, parameter_count
 from .layer_grads import PatchExtractor
 from .parity import parity_errors
-from .pipeline import GRAPH_FILE, VERIFY_TOLERANCE, WEIGHTS_FILE, export_batch, onnx_bytes
+from .pipeline import GRAPH_FILE, VERIFY_TOLERANCE, WEIGHTS_FILE, export_batch, onnx_bytes, run_exported
 
 OUTPUT_NAMES = GRADCON_OUTPUTS
 OUTPUT_MEANINGS = {
@@ -166,18 +165,9 @@ def score_onnx(score: GradConScore, example=None, opset: int | None = None) -> t
 def verify(graph: bytes, manifest: Manifest, model: GradConCAE, score: GradConScore, images: torch.Tensor) -> dict:
     """The exported graph through the runtime engine against the torch module (relative to each output's
     largest value) and against per-sample autograd (absolute); ExportError beyond the tolerances."""
-    from gradprobe.runtime import ProbeEngine, create_backend
-
-    try:
-        engine = ProbeEngine(create_backend("onnxruntime", graph), manifest)
-    except BackendUnavailableError:
-        warnings.warn("onnxruntime is not installed: the exported GradCon graph was not verified "
-                      "(pip install 'gradprobe[cpu]')", stacklevel=3)
+    got = run_exported(graph, manifest, images, what="the GradCon graph")
+    if got is None:
         return {}
-    try:
-        got = engine.infer(images.numpy())
-    finally:
-        engine.close()
     with torch.no_grad():
         expected = {name: value.numpy() for name, value in zip(OUTPUT_NAMES, score(images))}
     oracle = {name: value.detach().numpy() for name, value in zip(OUTPUT_NAMES, autograd_reference(model, images))}

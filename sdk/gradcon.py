@@ -18,6 +18,7 @@ from .base.bundle import open_and_read, update_bundle
 from .base.errors import BundleError, InputError, NotFittedError
 from .base.manifest import GradConSection
 from .detect.calibrate import DetectionResult, _images, detection_result, threshold_at_tpr, threshold_max_f1
+from .probe import EngineFacade
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class GradConResult:
                 & np.isfinite(self.cosine).all(axis=1))
 
 
-class GradConProbe:
+class GradConProbe(EngineFacade):
     """A GradCon bundle: ``run`` the score graph, ``detect`` anomalies, ``calibrate`` the threshold.
 
     ``backend`` and its options as for ``gradprobe.load`` (ONNX Runtime: ``providers``, ``threads``,
@@ -116,13 +117,4 @@ class GradConProbe:
             current, section=dataclasses.replace(current.gradcon, threshold=float(threshold),
                                                  calibration=calibration)))
         return self.section
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 

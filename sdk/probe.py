@@ -25,7 +25,22 @@ def _wanted_files(manifest: Manifest) -> list[str]:
     return [manifest.graph] + ([manifest.detector.file] if manifest.detector else [])
 
 
-class Probe:
+class EngineFacade:
+    """What every facade over a ``ProbeEngine`` shares: release the engine when done, as a context manager."""
+
+    engine = None
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Probe(EngineFacade):
     """A classifier bundle: ``run`` every probe output, ``explain``, ``detect``, ``calibrate``.
 
     ``backend``: a registered runtime backend (``gradprobe.runtime.backend_names()``); other keyword
@@ -127,15 +142,6 @@ class Probe:
                                       {section.file: data})
         self._detector = detector
         return section
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def load(bundle: str | os.PathLike, **options):

@@ -2,6 +2,8 @@
 of the runtime tests in a venv without torch (``GRADPROBE_TEST_BUNDLES=OUT``)."""
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +14,20 @@ BUNDLES = {"plain": "the shipped ResNet, maps and last-layer norms",
            "deep": "the shipped ResNet with layer_grads=True",
            "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits",
            "gradcon": "a GradCon detector of trousers (class 1) after 40 training steps, threshold calibrated"}
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of a standard bundle that a test may damage."""
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def edit_manifest(folder: Path, change) -> None:
+    """Apply ``change(manifest_dict)`` to the bundle's manifest.json in place."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def make_bundles(folder: str | Path) -> dict[str, Path]:

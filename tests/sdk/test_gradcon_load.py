@@ -1,7 +1,5 @@
 """GradCon bundles through ``gradprobe.load``: scores, decisions, calibration, damage. No torch needed
 (the runtime-only CI step runs this file on bundles exported beforehand)."""
-import json
-import shutil
 import subprocess
 import sys
 
@@ -11,24 +9,13 @@ import pytest
 import gradprobe
 from gradprobe import BundleError, InputError, NotFittedError
 from gradprobe.detect import DetectionResult, f1_of_normal, threshold_max_f1
+from tests.bundles import copy_bundle, edit_manifest
 
 
 @pytest.fixture(scope="module")
 def probe(bundles):
     with gradprobe.load(bundles["gradcon"], threads=1) as loaded:
         yield loaded
-
-
-def _copy(bundle, tmp_path):
-    target = tmp_path / "copy"
-    shutil.copytree(bundle, target)
-    return target
-
-
-def _edit_manifest(folder, change):
-    manifest = json.loads((folder / "manifest.json").read_text())
-    change(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _auc(anomalous_scores, normal_scores) -> float:
@@ -74,7 +61,7 @@ def test_batches_and_chunks_agree(bundles, probe, fmnist_test):
 
 
 def test_calibrate_stores_the_threshold_in_the_bundle(bundles, fmnist_test, tmp_path):
-    copy = _copy(bundles["gradcon"], tmp_path)
+    copy = copy_bundle(bundles["gradcon"], tmp_path)
     images, labels = fmnist_test
     normal, others = images[labels == 1][:300], images[labels != 1][:300]
     with gradprobe.load(copy) as probe:
@@ -103,8 +90,8 @@ def test_threshold_max_f1_on_a_hand_made_case():
 
 
 def test_uncalibrated_bundle_refuses_to_decide(bundles, fmnist_test, tmp_path):
-    copy = _copy(bundles["gradcon"], tmp_path)
-    _edit_manifest(copy, lambda m: m["gradcon"].update(threshold=None, calibration={}))
+    copy = copy_bundle(bundles["gradcon"], tmp_path)
+    edit_manifest(copy, lambda m: m["gradcon"].update(threshold=None, calibration={}))
     with gradprobe.load(copy) as probe:
         assert probe.run(fmnist_test[0][:3]).score.shape == (3,)
         with pytest.raises(NotFittedError, match="calibrate"):
@@ -138,8 +125,8 @@ def test_bad_calibration_data_says_what_is_expected(probe, fmnist_test):
     (lambda m: m.update(kind="other"), "kind"),
 ])
 def test_damaged_gradcon_manifest_is_refused(bundles, tmp_path, change, message):
-    copy = _copy(bundles["gradcon"], tmp_path)
-    _edit_manifest(copy, change)
+    copy = copy_bundle(bundles["gradcon"], tmp_path)
+    edit_manifest(copy, change)
     with pytest.raises(BundleError, match=message):
         gradprobe.load(copy)
 
