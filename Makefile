@@ -25,7 +25,7 @@ $(STAMP): setup.py requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[export,cpu,viz,test,kernels]"
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[export,cpu,viz,test,kernels,lint]"
 	touch $(STAMP)
 
 demo: setup peers
@@ -40,7 +40,7 @@ test-main: setup
 test-runtime: setup
 	$(PY) -m tests.bundles $(TEST_BUNDLES)
 	test -x $(RUNTIME_VENV)/bin/python || $(PYTHON) -m venv $(RUNTIME_VENV)
-	$(RUNTIME_VENV)/bin/pip install -q -c requirements/constraints.txt numpy onnxruntime threadpoolctl tqdm filelock pytest
+	$(RUNTIME_VENV)/bin/pip install -q -c requirements/constraints.txt numpy onnxruntime threadpoolctl tqdm filelock pytest pytest-timeout hypothesis
 	$(RUNTIME_VENV)/bin/pip install -q --no-deps -e .
 	$(RUNTIME_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'onnx')))" \
 		|| { echo "$(RUNTIME_VENV) must hold neither torch nor onnx"; exit 1; }
@@ -54,3 +54,4 @@ clean:
 	rm -rf $(VENV) $(RUNTIME_VENV) $(TEST_BUNDLES) gradprobe-demo .pytest_cache .benchmarks
 
 -include benchmarks/peers.mk
+-include serve.mk

@@ -4,9 +4,14 @@ from setuptools import setup
 EXPORT = ["torch>=2.4", "onnx>=1.17", "onnxscript>=0.3", "safetensors>=0.4"]
 CPU = ["onnxruntime>=1.20"]
 KERNELS = ["cuda-python>=12", "nvidia-cuda-nvrtc>=12"]  # compiles the CUDA kernels, even without a GPU
-GPU = ["onnxruntime-gpu>=1.20", "tensorrt"] + KERNELS
+# TensorRT engines (gradprobe build; onnx for the --fp16 graph rewrite), ONNX Runtime's CUDA provider, the kernels.
+# Not with [cpu]: onnxruntime and onnxruntime-gpu install the same module.
+GPU = ["onnxruntime-gpu>=1.20", "tensorrt>=10.0", "onnx>=1.17"] + KERNELS
+LINT = ["polygraphy>=0.49", "onnx-graphsurgeon>=0.5", "onnx>=1.17"]  # NVIDIA's ONNX checks, no GPU needed
 VIZ = ["matplotlib>=3.7"]
-TEST = ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3"] + VIZ
+SERVE = ["nvidia-pytriton>=0.7", "tritonclient[grpc,http]>=2.50"]  # Triton Inference Server + clients
+SCALE = ["ray[data]>=2.50", "pyarrow>=17", "pillow>=10"]  # batch scoring on Ray Data, Parquet out
+TEST = ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.1", "hypothesis>=6.100", "scikit-learn>=1.3"] + VIZ
 
 setup(
     name="gradprobe",
@@ -15,8 +20,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["gradprobe", "gradprobe.base", "gradprobe.data", "gradprobe.detect", "gradprobe.export", "gradprobe.runtime",
-              "gradprobe.kernels"],
+    packages=["gradprobe", "gradprobe.base", "gradprobe.data", "gradprobe.detect", "gradprobe.serve", "gradprobe.export",
+              "gradprobe.runtime", "gradprobe.kernels"],
     package_dir={"gradprobe": "sdk", "gradprobe.export": "export",
                  "gradprobe.runtime": "runtime", "gradprobe.kernels": "kernels"},
     package_data={"gradprobe": ["pretrained/*.safetensors"], "gradprobe.kernels": ["cuda/*.cu"]},
@@ -26,9 +31,12 @@ setup(
         "cpu": CPU,
         "gpu": GPU,
         "kernels": KERNELS,
+        "lint": LINT,
         "viz": VIZ,
+        "serve": SERVE,
+        "scale": SCALE,
         "test": TEST,
-        "dev": EXPORT + CPU + TEST + KERNELS,
+        "dev": EXPORT + CPU + TEST + KERNELS + LINT,
     },
     entry_points={"console_scripts": ["gradprobe = gradprobe.cli:main"]},
 )

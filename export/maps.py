@@ -1,4 +1,4 @@
-"""The one table of explanation maps (METHODS.md §3): each map is a scalar target, a weighting rule and a sign.
+"""The one table of explanation maps (docs/METHODS.md §3): each map is a scalar target, a weighting rule and a sign.
 
 A map explains the target layer's activation A [B, K, u, v] with channel weights w_k taken from the
 gradient of a scalar S at A: ``map = ReLU(sign * sum_k w_k A_k)``. This table drives the probe graph's

@@ -27,10 +27,11 @@ from torch import nn
 import gradprobe
 from gradprobe.base.bundle import write_bundle
 from gradprobe.base.errors import ExportError, InputError
-from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, InputSpec, LayerGrads, Manifest,
-                                     ModelInfo, Tap, TensorSpec)
+from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
+                                     LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
 from .backward import check_head
+from .contrastive import variants_of
 from .graph import ProbeGraph, trace
 from .layer_grads import plan as layer_plan
 from .parity import parity_errors
@@ -108,12 +109,12 @@ def _eval_mode(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- build
-def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str):
+def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str, contrastive: tuple = ()):
     """The probe module, its layer-norm plan and the outputs of one eager run on the example."""
     if confounding not in CONFOUNDING_LOSSES:
         raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
     norms = layer_plan(prepared.model, graph) if layer_grads else None
-    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding).eval()
+    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding, contrastive=contrastive).eval()
     with torch.no_grad():
         check_head(graph, probe.run_graph(prepared.normalized()))
         example = prepared.example[:2]
@@ -137,22 +138,14 @@ def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, tor
 
 
 # -------------------------------------------------------------------------------------------- export
-def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
-            opset: int | None) -> tuple[bytes, list[str]]:
-    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
-    return onnx_bytes(OrderedOutputs(probe, names), {"images": images, "contrast": contrast}, names, opset)
-
-
-def onnx_bytes(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], opset: int | None,
-               what: str = "the probe graph") -> tuple[bytes, list[str]]:
-    """``module`` exported with a symbolic batch (first dim of every input), and its TensorRT parser problems."""
+def onnx_bytes(module: nn.Module, args: tuple, what: str, **kwargs):
+    """``torch.onnx.export(dynamo=True)`` of ``module`` with a symbolic batch on every input, quietly:
+    ``(bytes, onnx model)``; an ``ExportError`` naming ``what`` when it fails or fixes the batch."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kwargs = dict(dynamo=True, input_names=list(inputs), output_names=output_names,
-                  dynamic_shapes=tuple({0: batch} for _ in inputs), external_data=False, verbose=False)
-    if opset is not None:
-        kwargs["opset_version"] = opset
+    kwargs = dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args), external_data=False, verbose=False,
+                  **kwargs)
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops we never use
@@ -160,8 +153,8 @@ def onnx_bytes(module: nn.Module, inputs: dict[str, torch.Tensor], output_names:
         with tempfile.TemporaryDirectory(prefix="gradprobe-export-") as folder, warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            path = Path(folder) / GRAPH_FILE
-            torch.onnx.export(module, tuple(inputs.values()), str(path), **kwargs)
+            path = Path(folder) / "graph.onnx"
+            torch.onnx.export(module, args, str(path), **kwargs)
             data = path.read_bytes()
     except Exception as error:
         raise ExportError(f"torch.onnx.export failed on {what}: {type(error).__name__}: "
@@ -172,11 +165,20 @@ def onnx_bytes(module: nn.Module, inputs: dict[str, torch.Tensor], output_names:
     for tensor in model.graph.input:
         first = tensor.type.tensor_type.shape.dim[0]
         if not first.dim_param:
-            raise ExportError(f"the exported input {tensor.name!r} has a fixed batch of {first.dim_value}; "
-                              "the batch dimension must be symbolic")
+            raise ExportError(f"the exported input {tensor.name!r} of {what} has a fixed batch of "
+                              f"{first.dim_value}; the batch dimension must be symbolic")
+    return data, model
+
+
+def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
+            opset: int | None) -> tuple[bytes, list[str]]:
+    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+    options = {} if opset is None else {"opset_version": opset}
+    data, model = onnx_bytes(OrderedOutputs(probe, names), (images, contrast), "the probe graph",
+                             input_names=["images", "contrast"], output_names=names, **options)
     problems = tensorrt_incompatibilities(model)
     if problems:
-        warnings.warn(f"{what} will not parse in TensorRT: {problems[:3]}", stacklevel=3)
+        warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)
     return data, problems
 
 
@@ -221,7 +223,7 @@ def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.T
     with torch.no_grad():
         expected = complete_with_kernels(probe(images, contrast), manifest)
     errors = parity_errors(got, expected, floor=1e-12, per_output=True)
-    bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and expected[k].dtype.kind == "f"}
+    bad = {k: v for k, v in errors.items() if not v <= VERIFY_TOLERANCE and expected[k].dtype.kind == "f"}  # NaN too
     if bad:
         raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad}")
     return errors
@@ -242,7 +244,8 @@ def describe(prepared: Prepared, graph: ProbeGraph, probe: ProbeModule, outputs:
     section = ClassifierSection(
         class_names=tuple(class_names), target_layer=graph.target_name,
         target_shape=(int(graph.target.meta["tensor_meta"].shape[1]), *target_shape), linear=graph.linear_name,
-        features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads)
+        features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads,
+        contrastive=ContrastiveFeatures(probe.contrastive) if probe.contrastive else None)
     config = getattr(model, "config", None)
     return Manifest(
         kind="classifier",
@@ -269,7 +272,7 @@ def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, byt
 
 def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
                   class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
-                  opset: int | None = None) -> Path:
+                  contrastive=None, opset: int | None = None) -> Path:
     """Export ``model`` with its probe graph as a bundle directory at ``path``; returns the path.
 
     ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
@@ -278,12 +281,16 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
     ``normalize``: (mean, std) applied inside the graph (default: ``model.input_normalization``).
     ``layer_grads``: also output ``layer_grad_sqnorm`` [B, P], every parameter tensor's per-sample
     gradient norm for the all-ones ``confounding`` label ("bce" on the logits, or "softmax").
+    ``contrastive``: also output the contrastive features r_x (METHODS §4), ``contrastive_<variant>`` for
+    "full", "compact" or "norms" (one, or a sequence of them); a second stage trained on them with
+    ``gradprobe train-contrastive`` then runs in the same engine call.
     Nothing is left behind on failure; an existing bundle at ``path`` is replaced whole.
     """
     prepared = prepare(model, example_input, normalize)
+    variants = variants_of(contrastive)
     with _eval_mode(model):
         graph = trace(model, prepared.normalized(), target_layer)
-        probe, norms, outputs = build(prepared, graph, layer_grads, confounding)
+        probe, norms, outputs = build(prepared, graph, layer_grads, confounding, variants)
         classes = int(outputs["logits"].shape[1])
         names = [str(n) for n in (class_names if class_names is not None else
                                   getattr(model, "class_names", range(classes)))]

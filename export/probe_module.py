@@ -1,6 +1,6 @@
 """The probe graph as a torch module: forward pass plus the probing losses' backward, as plain ops.
 
-Formulas: METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the maps, from the
+Formulas: docs/METHODS.md §1 (confounding label, closed form at the last layer) and §3 (the maps, from the
 table in ``maps``). ``forward`` returns the outputs by name; ``OrderedOutputs`` fixes their order for the
 ONNX exporter from the same names.
 """
@@ -13,6 +13,8 @@ from gradprobe.base.manifest import TensorSpec
 
 from . import maps as explanation_maps
 from .backward import backprop, backprop_to_target
+from .contrastive import MEANINGS as CONTRASTIVE_MEANINGS
+from .contrastive import contrastive_features
 from .graph import ProbeGraph
 from .layer_grads import ParameterNorm, PatchExtractor, closed_form_sqnorm, confounding_logit_grad, gram_sqnorm
 
@@ -30,6 +32,7 @@ MEANINGS = {
                          "confounding label, model.named_parameters() order, [B, P]",
     "tap_input": "input of a conv whose weight-gradient norm the kernels complete, [B, C, H, W]",
     "tap_grad": "output gradient of that conv for the confounding loss, [B, O, Ho, Wo]",
+    **{f"contrastive_{variant}": meaning for variant, meaning in CONTRASTIVE_MEANINGS.items()},
 }
 
 
@@ -42,12 +45,14 @@ class ProbeModule(nn.Module):
     """forward(images in [0,1], contrast) -> {output name: tensor}.
 
     With ``layer_norms`` (see layer_grads.plan) it adds ``layer_grad_sqnorm`` and, for the conv weights
-    left to the kernels, their taps ``tap_input_<column>`` / ``tap_grad_<column>``.
+    left to the kernels, their taps ``tap_input_<column>`` / ``tap_grad_<column>``. With ``contrastive`` (variants
+    of METHODS §4) it adds ``contrastive_<variant>``, the features r_x in closed form.
     """
 
     def __init__(self, graph: ProbeGraph, mean=None, std=None, layer_norms: list[ParameterNorm] | None = None,
-                 confounding: str = "bce", maps=explanation_maps.MAPS):
+                 confounding: str = "bce", maps=explanation_maps.MAPS, contrastive: tuple = ()):
         super().__init__()
+        self.contrastive = tuple(contrastive)
         self.graph_module = graph.module
         self.graph = graph
         self.maps = tuple(maps)
@@ -111,6 +116,8 @@ class ProbeModule(nn.Module):
                 cotangent = explanation_maps.TARGETS[spec.target].logit_gradient(probs, pred_hot, contrast_hot)
                 gradients[spec.target] = backprop_to_target(self.graph, env, cotangent)
             outputs[spec.name] = explanation_maps.weighted_map(spec, gradients[spec.target], activation)
+        for variant in self.contrastive:  # METHODS §4: dCE(z, i)/dW = (p - e_i) h^T, no backward needed
+            outputs[f"contrastive_{variant}"] = contrastive_features(variant, probs, features)
         if self.layer_norms:
             outputs.update(self._layer_grads(env, logits))
         return outputs

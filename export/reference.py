@@ -70,6 +70,19 @@ class ResearchReference:
         loss.backward(retain_graph=True)
         return self.linear.weight.grad, self.linear.bias.grad, activation.grad
 
+    def last_layer_gradients(self, images: np.ndarray) -> np.ndarray:
+        """dCE(z, i)/dW of the last Linear for every image and class i, [N, C, C, d]: per image, one autograd
+        backward per class (the contrastive features of METHODS §4 are read off these). Only W's gradient is
+        asked for, so autograd stops at the last Linear instead of running through the whole network."""
+        x_all = _normalized(images, self.normalize)
+        rows = []
+        for index in range(len(x_all)):
+            logits, _, _ = self._forward(x_all[index:index + 1])
+            rows.append(np.stack([
+                torch.autograd.grad(F.cross_entropy(logits, torch.tensor([label])), self.linear.weight,
+                                    retain_graph=True)[0].detach().numpy() for label in range(logits.shape[1])]))
+        return np.stack(rows)
+
     def run(self, images: np.ndarray, contrast=None) -> dict[str, np.ndarray]:
         """The probe outputs (same names as the ONNX graph) for every image, one at a time."""
         x_all = _normalized(images, self.normalize)

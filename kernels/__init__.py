@@ -1,4 +1,4 @@
-"""Fused per-sample gradient-norm kernels (METHODS.md §6).
+"""Fused per-sample gradient-norm kernels (docs/METHODS.md §6).
 
 For a conv or linear weight, a sample's gradient is ``G = sum_t g_t a_t^T`` (a_t: input patch at
 position t, g_t: output gradient there). Its squared norm is computed either directly (form G block

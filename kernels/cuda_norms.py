@@ -1,8 +1,11 @@
 """The CUDA path of the norm kernels: ``cuda/sqnorm.cu`` compiled at run time with NVRTC (cuda-python).
 
 Arrays stay on the device: inputs and outputs are any objects exposing ``__cuda_array_interface__``
-(CuPy arrays, torch CUDA tensors), read by pointer, with no host copies. Compiling needs only
-``cuda-python`` and ``nvidia-cuda-nvrtc`` (it works on a machine without GPU); launching needs a GPU.
+(CuPy arrays, torch CUDA tensors, gradprobe's ``DeviceArray``), read by pointer, with no host copies.
+Compiling needs only ``cuda-python`` and ``nvidia-cuda-nvrtc`` (it works on a machine without GPU);
+launching needs a GPU. ``write_tap_column`` is what ``gradprobe.kernels.write_tap_column`` calls for
+device arrays: the runtime engine completes a graph's tap columns with it, on the stream that
+produced the taps, so the norms never leave the device.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from gradprobe.base.errors import BackendUnavailableError, GradprobeError, Input
 from .cost import ConvSpec, choose_form
 
 TILE = 16
-KERNELS = ("direct_sqnorm", "gram_sqnorm", "linear_sqnorm")
+KERNELS = ("direct_sqnorm", "gram_sqnorm", "linear_sqnorm", "write_column_f32", "write_column_f64")
 
 
 class _Conv(ctypes.Structure):
@@ -99,6 +102,15 @@ class CudaNormKernels:
         module = _check(driver.cuModuleLoadData(ptx.ctypes.data), "cuModuleLoadData")
         self.functions = {name: _check(driver.cuModuleGetFunction(module, name.encode()), name) for name in KERNELS}
 
+    def scratch(self, count: int) -> int:
+        """A float64 device buffer of at least ``count`` values, allocated once and grown when needed."""
+        if count > getattr(self, "_scratch_count", 0):
+            if getattr(self, "_scratch", None):
+                _check((self.driver.cuMemFree(self._scratch)[0], None), "cuMemFree")
+            self._scratch = int(_check(self.driver.cuMemAlloc(max(count, 256) * 8), "cuMemAlloc"))
+            self._scratch_count = max(count, 256)
+        return self._scratch
+
     def _launch(self, name: str, grid: tuple, args: list, stream: int = 0) -> None:
         pointers = np.array([ctypes.addressof(a) for a in args], dtype=np.uint64)
         _check((self.driver.cuLaunchKernel(self.functions[name], *grid, TILE, TILE, 1, 0, stream,
@@ -128,3 +140,48 @@ class CudaNormKernels:
         args = [ctypes.c_void_p(_pointer(x, "float32", "x")), ctypes.c_void_p(_pointer(g, "float32", "g")),
                 ctypes.c_int(inputs), ctypes.c_int(outputs), ctypes.c_void_p(_pointer(out, "float64", "out"))]
         self._launch("linear_sqnorm", (batch, 1, 1), args, stream)
+
+
+def _stream_of(array) -> int:
+    """The stream a ``__cuda_array_interface__`` producer asks consumers to order after (0: legacy default)."""
+    stream = array.__cuda_array_interface__.get("stream")
+    return int(stream) if stream and int(stream) > 2 else 0
+
+
+@lru_cache(maxsize=None)
+def kernels_for(device: int = 0) -> CudaNormKernels:
+    """The compiled kernels for ``device``, loaded once per process."""
+    return CudaNormKernels(device)
+
+
+def write_tap_column(norms, column: int, x, grad, spec: ConvSpec, device: int = 0) -> None:
+    """norms[:, column] = per-sample ||dL/dW||^2 of conv ``spec`` from its input ``x`` [B, C, H, W] and output
+    gradient ``grad`` [B, O, Ho, Wo] (float32), all on the device; ``norms`` [B, L] float32 or float64.
+
+    Runs on the stream that produced ``x`` (its ``__cuda_array_interface__`` stream): the sums go to a
+    float64 scratch buffer, then into the column; nothing is copied to the host or synchronised here.
+    """
+    shape = tuple(norms.__cuda_array_interface__["shape"])
+    batch = x.__cuda_array_interface__["shape"][0]
+    if len(shape) != 2 or shape[0] != batch or not 0 <= column < shape[1]:
+        raise InputError(f"norms must be [B={batch}, L] with column {column} < L, got shape {list(shape)}")
+    kind = np.dtype(norms.__cuda_array_interface__["typestr"])
+    if kind not in (np.dtype("float32"), np.dtype("float64")):
+        raise InputError(f"norms must be float32 or float64, got {kind}")
+    kernels, stream = kernels_for(device), _stream_of(x)
+    scratch = kernels.scratch(batch)
+    driver = kernels.driver
+    _check((driver.cuMemsetD8Async(scratch, 0, batch * 8, stream)[0], None), "cuMemsetD8Async")
+    kernels.conv_weight_sqnorm(x, grad, spec, _Pointer(scratch, (batch,), "float64"), "auto", stream)
+    args = [ctypes.c_void_p(scratch), ctypes.c_void_p(_pointer(norms, kind.name, "norms")), ctypes.c_int(batch),
+            ctypes.c_int(shape[1]), ctypes.c_int(column)]
+    name = "write_column_f32" if kind == np.dtype("float32") else "write_column_f64"
+    kernels._launch(name, ((batch + TILE * TILE - 1) // (TILE * TILE), 1, 1), args, stream)
+
+
+class _Pointer:
+    """A bare device pointer with the interface the launchers read."""
+
+    def __init__(self, pointer: int, shape: tuple, dtype: str):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": np.dtype(dtype).str, "data": (pointer, False),
+                                         "version": 3, "strides": None}

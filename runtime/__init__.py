@@ -4,5 +4,5 @@ Importing this package loads neither torch nor any inference engine; a backend i
 when ``create_backend`` builds it.
 """
 from .backend import Backend, backend_names, create_backend, register_backend  # noqa: F401
-from .engine import ProbeEngine  # noqa: F401
+from .engine import ProbeEngine, build_engine  # noqa: F401
 from .validate import class_index, contrast_matrix, validate_contrast, validate_images  # noqa: F401

@@ -19,6 +19,7 @@ from gradprobe.base.manifest import TensorSpec
 #: name -> "module:Class"; a new backend is one line here (or one ``register_backend`` call).
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "gradprobe.runtime.onnxruntime_backend:OnnxRuntimeBackend",
+    "tensorrt": "gradprobe.runtime.tensorrt_backend:TensorRTBackend",
 }
 
 
@@ -31,12 +32,18 @@ def backend_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backend(name: str, model: bytes, **options) -> "Backend":
-    """A backend ``name`` running the serialized ONNX ``model`` (bytes already read and verified)."""
+def create_backend(name: str, model: bytes, *, bundle=None, **options) -> "Backend":
+    """A backend ``name`` running the serialized ONNX ``model`` (bytes already read and verified).
+
+    ``bundle``: the opened bundle the graph came from, passed on to backends that read more of it
+    (``reads_bundle``: TensorRT takes its engine from there) and ignored by the others."""
     if name not in _REGISTRY:
         raise BackendUnavailableError(f"unknown backend {name!r}; available: {backend_names()}")
     module_name, class_name = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(model, **options)
+    backend_type = getattr(importlib.import_module(module_name), class_name)
+    if bundle is not None and getattr(backend_type, "reads_bundle", False):
+        options["bundle"] = bundle
+    return backend_type(model, **options)
 
 
 def _dims_match(shape: tuple, declared: tuple) -> bool:
@@ -86,6 +93,11 @@ class Backend(ABC):
     @abstractmethod
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def finish(self, outputs: dict) -> dict:
+        """Called by the engine once the kernels completed the norms: a backend whose ``infer`` returns
+        device arrays copies them to the host here (or hands them over as they are)."""
+        return outputs
+
     def close(self) -> None:
         """Release the engine; a closed backend cannot infer."""
 
@@ -94,3 +106,18 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class FixedSpecsBackend(Backend, ABC):
+    """A backend that reads its specs once, when it is built, into ``_inputs`` and ``_outputs``."""
+
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        return self._outputs

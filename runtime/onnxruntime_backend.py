@@ -8,7 +8,7 @@ import numpy as np
 from gradprobe.base.errors import BackendUnavailableError, BundleError
 from gradprobe.base.manifest import TensorSpec
 
-from .backend import Backend
+from .backend import FixedSpecsBackend
 
 _EXTRA_FOR = {"CUDAExecutionProvider": "gpu", "TensorrtExecutionProvider": "gpu"}
 _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64"}
@@ -45,42 +45,60 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, _DTYPES.get(node.type, node.type), shape)
 
 
-class OnnxRuntimeBackend(Backend):
-    """``providers``: ONNX Runtime provider names in order of preference (default: CPU only)."""
+_SHORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _provider_name(provider) -> str:
+    name = provider[0] if isinstance(provider, (tuple, list)) else provider
+    return _SHORT_NAMES.get(str(name).lower(), name)
+
+
+class OnnxRuntimeBackend(FixedSpecsBackend):
+    """``providers``: ONNX Runtime providers in order of preference, names ("CUDAExecutionProvider", or
+    "cuda" / "cpu") or (name, options) pairs such as ("cuda", {"device_id": 1}); default: CPU only.
+
+    The first provider is the one asked for: a session that comes up on another (ONNX Runtime falls back
+    to CPU when, say, the CUDA libraries fail to load) is refused. ``strict``: also refuse a session in
+    which some nodes would run on the CPU beside the GPU provider (ONNX Runtime places shape computations
+    there on purpose, so this is opt-in)."""
 
     name = "onnxruntime"
 
-    def __init__(self, model: bytes, *, providers=None, threads: int | None = None, spinning: bool = True):
+    def __init__(self, model: bytes, *, providers=None, threads: int | None = None, spinning: bool = True,
+                 strict: bool = False):
         ort = import_onnxruntime()
-        requested = list(providers or ["CPUExecutionProvider"])
+        requested = [(_provider_name(p), dict(p[1])) if isinstance(p, (tuple, list)) else _provider_name(p)
+                     for p in (providers or ["CPUExecutionProvider"])]
+        names = [_provider_name(p) for p in requested]
         available = ort.get_available_providers()
-        missing = [p for p in requested if p not in available]
+        missing = [p for p in names if p not in available]
         if missing:
             extra = _EXTRA_FOR.get(missing[0], "cpu")
             raise BackendUnavailableError(
                 f"ONNX Runtime provider(s) {missing} are not available here (available: {available}); "
-                f"install onnxruntime with them: pip install 'gradprobe[{extra}]'")
+                f"install onnxruntime with them: pip install 'gradprobe[{extra}]' (and not both onnxruntime and "
+                "onnxruntime-gpu: they install the same module)")
+        options = session_options(threads, spinning)
+        if strict and names[0] != "CPUExecutionProvider":
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         try:
-            self.session = ort.InferenceSession(model, session_options(threads, spinning), providers=requested)
+            self.session = ort.InferenceSession(model, options, providers=requested)
         except Exception as error:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
-            raise BundleError(f"ONNX Runtime cannot load the graph: {str(error)[:500]}") from error
+            raise BundleError(f"ONNX Runtime cannot load the graph on {names[0]}: {str(error)[:500]}") from error
         self.providers = self.session.get_providers()
-        if self.providers[0] != requested[0]:
-            raise BackendUnavailableError(f"ONNX Runtime fell back from {requested[0]} to {self.providers[0]}; "
-                                          "refusing to run on a provider that was not asked for")
+        self.strict = strict
+        if self.providers[0] != names[0]:
+            raise BackendUnavailableError(f"ONNX Runtime fell back from {names[0]} to {self.providers[0]}; "
+                                          "refusing to run on a provider that was not asked for (for CUDA: "
+                                          "check that the CUDA and cuDNN libraries onnxruntime-gpu needs load)")
         self._inputs = [_spec(node) for node in self.session.get_inputs()]
         self._outputs = [_spec(node) for node in self.session.get_outputs()]
 
-    @property
-    def input_specs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def output_specs(self) -> list[TensorSpec]:
-        return self._outputs
-
     def describe(self) -> dict:
-        return {"backend": self.name, "providers": list(self.providers)}
+        """``provider``: the one that runs the graph (the first; ONNX Runtime lists CPU after it for the
+        nodes it keeps there unless ``strict``)."""
+        return {"backend": self.name, "providers": list(self.providers), "provider": self.providers[0],
+                **({"strict": True} if self.strict else {})}
 
     def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = self.output_names

@@ -25,6 +25,10 @@ def validate_images(images, chw: Sequence[int], value_range: Sequence[float] = (
     if not isinstance(images, np.ndarray):
         raise InputError(f"images must be a numpy.ndarray of shape {expected} and dtype float32, "
                          f"got {type(images).__name__}")
+    if isinstance(images, np.ma.MaskedArray):
+        raise InputError("images is a masked array: the graph would read the masked values as they are; pass "
+                         "images.filled(value) with the fill you mean")
+    images = np.asarray(images)  # a subclass is checked, and run, as the plain array it holds
     if images.ndim != 4:
         hint = " (for one image use images[None])" if images.ndim == 3 else ""
         raise InputError(f"images must have rank 4, shape {expected}; got rank {images.ndim}, "
@@ -58,6 +62,8 @@ def validate_images(images, chw: Sequence[int], value_range: Sequence[float] = (
 
 def class_index(value, class_names: Sequence[str], what: str = "class") -> int:
     """One class as an index: a name, or an integer of any type in -1 (runner-up) .. C-1."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]  # a 0-d array is the scalar it holds
     if isinstance(value, str):
         if value not in class_names:
             raise InputError(f"unknown {what} name {value!r}; expected one of {list(class_names)}")
@@ -94,7 +100,8 @@ def contrast_matrix(contrast, batch: int, class_names: Sequence[str]) -> tuple[n
         raise InputError(f"contrast must be None, a class (index or name), one per image, or one list per image; "
                          f"got {type(contrast).__name__}")
     rows = _items(contrast)
-    several = bool(rows) and all(isinstance(row, (list, tuple, np.ndarray)) for row in rows)
+    several = bool(rows) and all(isinstance(row, (list, tuple)) or (isinstance(row, np.ndarray) and row.ndim > 0)
+                                 for row in rows)
     if several:
         rows = [_items(row) for row in rows]
         if len(rows) != batch or len({len(row) for row in rows}) != 1 or not rows[0]:

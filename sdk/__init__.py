@@ -13,13 +13,14 @@ from .base.errors import (BackendUnavailableError, BundleError, DataError, Expor
 __version__ = "0.2.0"
 
 _LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "cli", "detect", "explain", "base",
-                 "gradcon"}
+                 "contrastive", "gradcon"}
 _LAZY_ATTRIBUTES = {"load": ("probe", "load"), "Probe": ("probe", "Probe"),
                     "ProbeResult": ("results", "ProbeResult"), "Explanation": ("explain", "Explanation"),
-                    "DetectionResult": ("detect", "DetectionResult")}
+                    "DetectionResult": ("detect", "DetectionResult"),
+                    "ContrastiveResult": ("contrastive", "ContrastiveResult")}
 
-__all__ = ["export", "load", "Probe", "ProbeResult", "Explanation", "DetectionResult", "GradprobeError",
-           "ExportError", "BackendUnavailableError", "InputError", "NotFittedError", "BundleError", "DataError"]
+__all__ = ["export", "load", "Probe", "ProbeResult", "Explanation", "DetectionResult", "ContrastiveResult",
+           "GradprobeError", "ExportError", "BackendUnavailableError", "InputError", "NotFittedError", "BundleError", "DataError"]
 
 
 def __getattr__(name: str):

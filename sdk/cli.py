@@ -1,5 +1,5 @@
-"""The ``gradprobe`` command line: train, train-gradcon, export, info, explain, calibrate, demo; bench and eval
-from a checkout."""
+"""The ``gradprobe`` command line: train, train-gradcon, export, info, explain, calibrate, train-contrastive, demo;
+bench and eval from a checkout."""
 from __future__ import annotations
 
 import argparse
@@ -65,7 +65,8 @@ def _export(args):
     example = np.random.default_rng(0).random((4, *shape), dtype=np.float32)
     class_names = args.class_names.split(",") if args.class_names else None
     path = gradprobe.export(model, example, args.out, target_layer=args.target_layer, class_names=class_names,
-                            layer_grads=args.layer_grads, confounding=args.confounding)
+                            layer_grads=args.layer_grads, confounding=args.confounding,
+                            contrastive=args.contrastive or None)
     _print_info(path)
 
 
@@ -113,6 +114,10 @@ def _print_info(path):
         print(f"layer grads {len(forms)} parameter tensors, {section.layer_grads.confounding} confounding "
               f"loss; closed form {forms.count('closed')}, Gram in graph {forms.count('gram')}, "
               f"direct in kernels {forms.count('tap')}, generic {forms.count('generic')}")
+    for head in manifest.heads:
+        accuracy = head.fit.get("held_out_accuracy")
+        print(f"head       {head.name}: {', '.join(head.input_names)} -> {', '.join(head.output_names)}"
+              + (f" (held-out accuracy {accuracy:.4f})" if isinstance(accuracy, float) else ""))
     if manifest.detector:
         print(f"detector   {manifest.detector.kind}, threshold {manifest.detector.threshold:.4g} "
               f"at TPR {manifest.detector.tpr}, features {manifest.detector.features}")
@@ -140,6 +145,22 @@ def _calibrate(args):
                    "ood": None if ood is None else f"{args.ood}: {OOD_SETS[args.ood]}, part 'fit' ({len(ood)} images)"}
     section = probe.calibrate(in_dist, ood, kind=args.kind, tpr=args.tpr, seed=args.seed, description=description)
     print(json.dumps(section.to_json(), indent=2))
+
+
+def _train_contrastive(args):
+    import gradprobe
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    probe = gradprobe.load(args.bundle, threads=args.threads)
+    images, labels = gradprobe.data.fashion_mnist("train")
+    images, labels = images[:args.limit], labels[:args.limit]
+    description = f"Fashion-MNIST train, clean ({len(images)} images; {args.held_out:.0%} held out for early stopping)"
+    spec = probe.train_contrastive(images, labels, variant=args.variant, seed=args.seed, max_epochs=args.epochs,
+                                   patience=args.patience, held_out=args.held_out, description=description)
+    print(json.dumps(spec.to_json(), indent=2))
 
 
 #: Commands that run the benchmark harness of a source checkout (``benchmarks/``, not installed).
@@ -206,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also output layer_grad_sqnorm: every parameter tensor's per-sample gradient norm")
     export.add_argument("--confounding", choices=("bce", "softmax"), default="bce",
                         help="loss of the all-ones confounding label for --layer-grads (default bce)")
+    export.add_argument("--contrastive", nargs="+", choices=("full", "compact", "norms"), default=None,
+                        help="also output the contrastive features r_x of these variants (for train-contrastive)")
     export.set_defaults(handler=_export)
 
     info = commands.add_parser("info", help="describe a bundle")
@@ -215,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     from gradprobe.data import OOD_SETS
     from gradprobe.detect import DETECTORS
     from gradprobe.explain import add_explain_command
+    from gradprobe.export.tensorrt_build import add_build_command
 
     add_explain_command(commands)
+    add_build_command(commands)
 
     calibrate = commands.add_parser("calibrate", help="fit an OOD detector and store it in the bundle")
     calibrate.add_argument("bundle")
@@ -228,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--tpr", type=float, default=0.95, help="in-distribution acceptance rate of the threshold")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.set_defaults(handler=_calibrate)
+
+    from gradprobe.serve.triton import add_serve_command
+
+    add_serve_command(commands)
+
+    from gradprobe.serve.scale import add_score_command
+
+    add_score_command(commands)
+
+    contrastive = commands.add_parser(
+        "train-contrastive", help="train the contrastive second stage (MLP on r_x of clean Fashion-MNIST train) "
+        "into a bundle exported with --contrastive")
+    contrastive.add_argument("bundle")
+    contrastive.add_argument("--variant", default=None, choices=("full", "compact", "norms"),
+                             help="r_x variant to train on (default: the bundle's first)")
+    contrastive.add_argument("--seed", type=int, default=0)
+    contrastive.add_argument("--epochs", type=int, default=30, help="at most this many epochs")
+    contrastive.add_argument("--patience", type=int, default=4,
+                             help="stop after this many epochs without a better held-out accuracy")
+    contrastive.add_argument("--held-out", type=float, default=0.1,
+                             help="fraction of the images kept for early stopping")
+    contrastive.add_argument("--limit", type=int, default=None, help="train on the first N images only")
+    contrastive.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    contrastive.set_defaults(handler=_train_contrastive)
 
     demo = commands.add_parser("demo", help="export, run and explain the shipped model on real data")
     demo.add_argument("--out", default="gradprobe-demo", help="folder for the bundle and pictures")

@@ -1,4 +1,4 @@
-"""``Probe.explain``: every explanation map of the bundle at the input size (METHODS.md §3).
+"""``Probe.explain``: every explanation map of the bundle at the input size (docs/METHODS.md §3).
 
 The probe graph emits the raw maps at the target layer (which maps, and what each answers, the bundle's
 manifest says: Grad-CAM "why P?", contrastive "why P, rather than Q?", counterfactual "what if not P?",

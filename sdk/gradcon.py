@@ -50,14 +50,14 @@ class GradConProbe(EngineFacade):
 
     def __init__(self, bundle: str | os.PathLike, *, backend: str = "onnxruntime", max_batch: int = 256,
                  **backend_options):
-        from gradprobe.runtime import ProbeEngine, create_backend
+        from gradprobe.runtime import build_engine
 
         opened, files = open_and_read(bundle, lambda manifest: [manifest.graph])
         self.path, self.manifest = opened.path, opened.manifest
         if self.manifest.kind != "gradcon":
             raise BundleError(f"{self.path} is a {self.manifest.kind!r} bundle; open it with gradprobe.load")
-        self.engine = ProbeEngine(create_backend(backend, files[self.manifest.graph], **backend_options),
-                                  self.manifest, max_batch=max_batch)
+        self.engine = build_engine(self.manifest, files, backend, max_batch=max_batch, bundle=opened,
+                                   **backend_options)
 
     def __repr__(self) -> str:
         threshold = "not calibrated" if self.threshold is None else f"threshold={self.threshold:.4g}"

@@ -22,7 +22,8 @@ FACADES = {"classifier": "gradprobe.probe:Probe", "gradcon": "gradprobe.gradcon:
 
 
 def _wanted_files(manifest: Manifest) -> list[str]:
-    return [manifest.graph] + ([manifest.detector.file] if manifest.detector else [])
+    return [manifest.graph] + ([manifest.detector.file] if manifest.detector else []) + \
+        [head.file for head in manifest.heads]
 
 
 class EngineFacade:
@@ -41,7 +42,8 @@ class EngineFacade:
 
 
 class Probe(EngineFacade):
-    """A classifier bundle: ``run`` every probe output, ``explain``, ``detect``, ``calibrate``.
+    """A classifier bundle: ``run`` every probe output, ``explain``, ``detect``, ``calibrate``,
+    ``contrastive_predict`` (after ``train_contrastive``).
 
     ``backend``: a registered runtime backend (``gradprobe.runtime.backend_names()``); other keyword
     options go to it (ONNX Runtime: ``providers``, ``threads``, ``spinning``). ``max_batch``: larger
@@ -50,14 +52,14 @@ class Probe(EngineFacade):
 
     def __init__(self, bundle: str | os.PathLike, *, backend: str = "onnxruntime", max_batch: int = 256,
                  **backend_options):
-        from gradprobe.runtime import ProbeEngine, create_backend
+        from gradprobe.runtime import build_engine
 
         opened, files = open_and_read(bundle, _wanted_files)
         self.path, self.manifest = opened.path, opened.manifest
         if self.manifest.kind != "classifier":
             raise BundleError(f"{self.path} is a {self.manifest.kind!r} bundle; open it with gradprobe.load")
-        self.engine = ProbeEngine(create_backend(backend, files[self.manifest.graph], **backend_options),
-                                  self.manifest, max_batch=max_batch)
+        self._engine_options = dict(backend=backend, max_batch=max_batch, **backend_options)
+        self.engine = build_engine(self.manifest, files, bundle=opened, **self._engine_options)
         self._detector = self._read_detector(files)
 
     def _read_detector(self, files: dict):
@@ -138,10 +140,47 @@ class Probe(EngineFacade):
 
         section, detector, data = fit_detector(self, in_dist, ood, kind=kind, tpr=tpr, seed=seed,
                                                description=description, **options)
-        self.manifest = update_bundle(self.path, lambda current: dataclasses.replace(current, detector=section),
-                                      {section.file: data})
+        graph = self.manifest.files[self.manifest.graph]
+
+        def change(current: Manifest) -> Manifest:
+            if current.files.get(current.graph) != graph:  # re-exported since this probe loaded it
+                raise BundleError(f"{self.path} was re-exported after this probe loaded it: the detector was fitted on "
+                                  "the previous graph; load the bundle again and calibrate that")
+            return dataclasses.replace(current, detector=section)
+
+        self.manifest = update_bundle(self.path, change, {section.file: data})
         self._detector = detector
         return section
+
+    def contrastive_predict(self, images):
+        """Feed-forward and contrastive predictions with their probabilities, from one engine call (METHODS §4)."""
+        from .contrastive import contrastive_result, require_contrastive_head
+
+        require_contrastive_head(self)
+        return contrastive_result(self.run(images))
+
+    def train_contrastive(self, images, labels, **options):
+        """Train the contrastive second stage on labelled clean images and store it in the bundle as a head
+        (see ``gradprobe.contrastive.train_contrastive``); returns the head's manifest entry."""
+        from .contrastive import train_contrastive
+
+        return train_contrastive(self, images, labels, **options)
+
+    def install_head(self, spec, data: bytes):
+        """Put head ``spec`` (a ``HeadSpec``, graph ``data``) into the bundle under its writer lock, replacing a
+        head of the same name; this probe runs it from now on (the engine is rebuilt from what is on disk)."""
+        from gradprobe.runtime import build_engine
+
+        def change(current: Manifest) -> Manifest:
+            return dataclasses.replace(current, heads=(*(h for h in current.heads if h.name != spec.name), spec))
+
+        update_bundle(self.path, change, {spec.file: data})
+        opened, files = open_and_read(self.path, _wanted_files)  # a consistent snapshot, as at load
+        engine = build_engine(opened.manifest, files, **self._engine_options)
+        self.engine.close()
+        self.engine, self.manifest = engine, opened.manifest
+        self._detector = self._read_detector(files)
+        return spec
 
 
 def load(bundle: str | os.PathLike, **options):

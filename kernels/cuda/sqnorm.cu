@@ -110,3 +110,15 @@ extern "C" __global__ void linear_sqnorm(const float* x, const float* g, int inp
     }
     if (lane == 0) out[b] = sums[0][0] * sums[1][0];
 }
+
+// norms[b * stride + column] = sums[b]: one tap's per-sample norms into its column of the [B, L] output,
+// on the device (the float64 sums become the output's dtype). Launch: block (16, 16); grid ceil(B / 256).
+extern "C" __global__ void write_column_f32(const double* sums, float* norms, int batch, int stride, int column) {
+    const int b = blockIdx.x * TILE * TILE + threadIdx.y * TILE + threadIdx.x;
+    if (b < batch) norms[(size_t)b * stride + column] = (float)sums[b];
+}
+
+extern "C" __global__ void write_column_f64(const double* sums, double* norms, int batch, int stride, int column) {
+    const int b = blockIdx.x * TILE * TILE + threadIdx.y * TILE + threadIdx.x;
+    if (b < batch) norms[(size_t)b * stride + column] = sums[b];
+}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import stat
@@ -87,14 +88,23 @@ def recover_interrupted_writes(target: Path) -> None:
     """Under the writer lock no other writer runs, so every temporary entry beside or inside ``target``
     belongs to a killed writer: restore a directory a swap left missing, delete the rest."""
     parent = target.parent
-    olds = sorted(parent.glob(f".{target.name}.old-*"))
-    if not target.exists() and olds:
-        os.replace(olds.pop(), target)  # the fallback swap was cut between its two renames
-    for stale in olds + list(parent.glob(f".{target.name}.*.tmp")):
+    previous = interrupted_swap(target)
+    if previous is not None:
+        os.replace(previous, target)  # the fallback swap was cut between its two renames
+    name = glob.escape(target.name)
+    olds = sorted(parent.glob(f".{name}.old-*"))
+    for stale in olds + list(parent.glob(f".{name}.*.tmp")):
         _remove(stale)
     if target.is_dir() and not target.is_symlink():
         for stale in target.glob(".*.tmp"):
             _remove(stale)
+
+
+def interrupted_swap(target: str | os.PathLike) -> Path | None:
+    """The previous version of ``target`` that a fallback swap killed between its renames left, or None."""
+    target = Path(target)
+    olds = sorted(target.parent.glob(f".{glob.escape(target.name)}.old-*"))
+    return olds[-1] if olds and not target.exists() and not target.is_symlink() else None
 
 
 def _remove(path: Path) -> None:
@@ -167,33 +177,68 @@ def check_plain_name(name, what: str = "file name") -> str:
     if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         raise BundleError(f"{what} {name!r:.80} is not a plain file name inside the bundle "
                           "(no folders, '..', absolute or hidden paths)")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BundleError(f"{what} {name!r:.80} is not valid Unicode (a lone surrogate); "
+                          "bundle file names are plain UTF-8") from None
+    if len(encoded) > 255:
+        raise BundleError(f"{what} {name!r:.80} is longer than 255 bytes in UTF-8")
     return name
+
+
+def _check_entry(path: Path, info: os.stat_result, max_bytes: int, expected_bytes: int | None) -> None:
+    """The checks every confined file passes: a regular file (never a link, FIFO, device or folder), of
+    at most ``max_bytes`` and of the size the manifest lists."""
+    if stat.S_ISLNK(info.st_mode):
+        raise BundleError(f"{path} cannot be read: is a symbolic link, which bundles may not hold")
+    if not stat.S_ISREG(info.st_mode):
+        raise BundleError(f"{path} is not a regular file (a folder, device, FIFO or socket); "
+                          "a bundle holds plain files only")
+    if info.st_size > max_bytes:
+        raise BundleError(f"{path} has {info.st_size} bytes, more than the {max_bytes} allowed")
+    if expected_bytes is not None and info.st_size != expected_bytes:
+        raise BundleError(f"{path} has {info.st_size} bytes where the manifest lists "
+                          f"{expected_bytes}: the file is truncated or was replaced")
+
+
+def check_confined(directory: str | os.PathLike, name: str, *, max_bytes: int,
+                   expected_bytes: int | None = None) -> None:
+    """Check ``directory/name`` as ``read_confined`` would, without opening it (one ``lstat``)."""
+    path = Path(directory) / check_plain_name(name)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError as error:
+        raise BundleError(f"bundle {directory} is missing {name}") from error
+    except OSError as error:
+        raise BundleError(f"{path} cannot be read: {error.strerror}") from error
+    _check_entry(path, info, max_bytes, expected_bytes)
 
 
 def read_confined(directory: str | os.PathLike, name: str, *, max_bytes: int,
                   expected_bytes: int | None = None) -> bytes:
-    """The bytes of ``directory/name``: a plain name, no symlink, a regular file of the expected size."""
-    directory = Path(directory)
-    check_plain_name(name)
+    """The bytes of ``directory/name``: a plain name, no symlink, a regular file of the expected size.
+
+    Opened with O_NOFOLLOW (a symlink fails) and O_NONBLOCK (a FIFO cannot block the open), then checked
+    on the open descriptor, so what was checked is what is read.
+    """
+    path = Path(directory) / check_plain_name(name)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(directory / name, flags)
+        fd = os.open(path, flags)
     except FileNotFoundError as error:
         raise BundleError(f"bundle {directory} is missing {name}") from error
     except OSError as error:
         reason = "is a symbolic link, which bundles may not hold" if error.errno == errno.ELOOP else error.strerror
-        raise BundleError(f"{directory / name} cannot be read: {reason}") from error
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+        raise BundleError(f"{path} cannot be read: {reason}") from error
+    try:
+        info = os.fstat(fd)
+        _check_entry(path, info, max_bytes, expected_bytes)  # before fdopen, which refuses folders its own way
+    except BaseException:
         os.close(fd)
-        raise BundleError(f"{directory / name} is not a regular file (a folder, device, FIFO or socket)")
+        raise
     with os.fdopen(fd, "rb", closefd=True) as handle:
-        if info.st_size > max_bytes:
-            raise BundleError(f"{directory / name} has {info.st_size} bytes, more than the {max_bytes} allowed")
-        if expected_bytes is not None and info.st_size != expected_bytes:
-            raise BundleError(f"{directory / name} has {info.st_size} bytes where the manifest lists "
-                              f"{expected_bytes}: the file is truncated or was replaced")
         data = handle.read(info.st_size + 1)
     if len(data) != info.st_size:
-        raise BundleError(f"{directory / name} changed size while being read; retry")
+        raise BundleError(f"{path} changed size while being read; retry")
     return data

@@ -22,9 +22,17 @@ SCORE_ORIENTATION = "higher means more anomalous"
 #: Upper bounds that keep a damaged manifest from asking for absurd work or memory.
 MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
+#: A graph is one protobuf message, which cannot exceed 2 GiB.
+MAX_GRAPH_BYTES = 2 << 30
+#: Fitted detector arrays (uncompressed) and the npz file that holds them.
+MAX_DETECTOR_ARRAY_BYTES = 256 << 20
+MAX_DETECTOR_BYTES = MAX_DETECTOR_ARRAY_BYTES + (1 << 20)
 MAX_DIM = 1 << 16
 MAX_ITEMS = 1 << 16
 DTYPES = ("float32", "float64", "int64")
+FLOAT_DTYPES = ("float32", "float64")
+#: The outputs a detector may read its features from (gradient norms).
+DETECTOR_FEATURES = ("layer_grad_sqnorm", "confounding_grad_sqnorm")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
@@ -71,7 +79,11 @@ def _str(value, path: str, choices=None, pattern: re.Pattern | None = None, max_
         raise _fail(path, f"a string of at most {max_length} characters", value)
     if choices is not None and value not in choices:
         raise _fail(path, f"one of {list(choices)}", value)
-    if pattern is not None and not pattern.match(value):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(path, "valid Unicode text (no lone surrogates)", value) from None
+    if pattern is not None and not pattern.fullmatch(value):
         raise _fail(path, f"a name matching {pattern.pattern}", value)
     return value
 
@@ -86,7 +98,8 @@ def _list(value, path: str, item: Callable[[Any, str], Any], length: int | None 
 
 
 def _json_value(value, path: str, depth: int = 0):
-    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth."""
+    """Free-form informational data (descriptions, export notes): plain JSON, bounded depth; a non-finite
+    number becomes its name ("nan", "inf"), on reading and on writing alike."""
     if depth > 8:
         raise _fail(path, "JSON nested at most 8 levels", "...")
     if isinstance(value, dict):
@@ -167,6 +180,7 @@ class InputSpec:
         chw = tuple(_int(v, f"{path}.shape[{i + 1}]", 1, MAX_DIM) for i, v in enumerate(shape[1:]))
         if chw[0] * chw[1] * chw[2] > 1 << 26:
             raise _fail(f"{path}.shape", "at most 2^26 values per image", shape)
+        _str(_get(data, "dtype", path), f"{path}.dtype", ("float32",))
         low, high = _list(_get(data, "range", path), f"{path}.range", _float, length=2)
         if not low < high:
             raise _fail(f"{path}.range", "[low, high] with low < high", [low, high])
@@ -202,7 +216,7 @@ class ModelInfo:
 
     def to_json(self) -> dict:
         return {"class": self.class_name, "parameters": self.parameters, "weights": self.weights,
-                "config": self.config}
+                "config": None if self.config is None else _json_value(self.config, "model.config")}
 
 
 @dataclass(frozen=True)
@@ -298,7 +312,73 @@ class Tap:
         return {"column": self.column, "input": self.input, "grad": self.grad, "conv": self.conv.to_json()}
 
 
+PRECISIONS = ("fp32", "fp16")
+MAX_ENGINE_BATCH = 1 << 16
+_ENGINE_FILE = re.compile(r"^engine-[0-9a-f]{16}\.plan$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+){1,3}$")
+_ENGINE_KEYS = ("file", "tensorrt", "gpu", "compute_capability", "precision", "profile", "workspace_mib",
+                "graph_sha256", "built")
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """A TensorRT engine built from the bundle's graph: usable only with the same TensorRT version, GPU,
+    compute capability and graph; ``profile`` is the batch range (min, opt, max) it was optimised for."""
+
+    file: str
+    tensorrt: str
+    gpu: str
+    compute_capability: tuple     # (major, minor)
+    precision: str
+    profile: tuple                # (min, opt, max) batch sizes
+    graph_sha256: str
+    workspace_mib: int | None = None
+    built: str = ""
+
+    @property
+    def key(self) -> tuple:
+        """What makes two engines interchangeable: one record per key in a manifest."""
+        return (self.tensorrt, self.gpu, self.compute_capability, self.precision, self.profile)
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "EngineRecord":
+        data = _dict(data, path)
+        unknown = sorted(set(data) - set(_ENGINE_KEYS))
+        if unknown:
+            raise _fail(path, f"only the keys {list(_ENGINE_KEYS)}", unknown)
+        capability = _list(_get(data, "compute_capability", path), f"{path}.compute_capability",
+                           lambda v, p: _int(v, p, 0, 99), length=2)
+        profile_data = _dict(_get(data, "profile", path), f"{path}.profile")
+        if sorted(profile_data) != ["max", "min", "opt"]:
+            raise _fail(f"{path}.profile", "an object with exactly min, opt and max", sorted(profile_data))
+        profile = tuple(_int(profile_data[k], f"{path}.profile.{k}", 1, MAX_ENGINE_BATCH)
+                        for k in ("min", "opt", "max"))
+        if not profile[0] <= profile[1] <= profile[2]:
+            raise _fail(f"{path}.profile", "min <= opt <= max", dict(zip(("min", "opt", "max"), profile)))
+        workspace = data.get("workspace_mib")
+        return cls(_str(check_plain_name(_get(data, "file", path), f"manifest field {path}.file"), f"{path}.file",
+                        pattern=_ENGINE_FILE),
+                   _str(_get(data, "tensorrt", path), f"{path}.tensorrt", pattern=_VERSION, max_length=32),
+                   _str(_get(data, "gpu", path), f"{path}.gpu", max_length=200),
+                   capability, _str(_get(data, "precision", path), f"{path}.precision", PRECISIONS), profile,
+                   _str(_get(data, "graph_sha256", path), f"{path}.graph_sha256",
+                        pattern=re.compile(r"^[0-9a-f]{64}$")),
+                   None if workspace is None else _int(workspace, f"{path}.workspace_mib", 1, 1 << 20),
+                   _str(data.get("built", ""), f"{path}.built", max_length=64))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "tensorrt": self.tensorrt, "gpu": self.gpu,
+                "compute_capability": list(self.compute_capability), "precision": self.precision,
+                "profile": dict(zip(("min", "opt", "max"), self.profile)), "workspace_mib": self.workspace_mib,
+                "graph_sha256": self.graph_sha256, "built": self.built}
+
+
 CONFOUNDING_LOSSES = ("bce", "softmax")
+#: The classifier graph's fixed outputs: name -> (dtype, dims after the batch; "C" = one per class name,
+#: "d" = head.features). Maps, layer_grad_sqnorm and taps follow from their sections.
+CLASSIFIER_OUTPUTS = {"logits": ("float", ("C",)), "probs": ("float", ("C",)), "pred": ("int64", ()),
+                      "features": ("float", ("d",)), "contrast_class": ("int64", ()),
+                      "label_grad_sqnorm": ("float", ("C",)), "confounding_grad_sqnorm": ("float", (2,))}
 NORM_FORMS = ("closed", "gram", "tap", "generic")
 
 
@@ -346,9 +426,11 @@ class DetectorSection:
     @classmethod
     def from_json(cls, data, path: str) -> "DetectorSection":
         data = _dict(data, path)
+        if data.get("score_orientation", SCORE_ORIENTATION) != SCORE_ORIENTATION:
+            raise _fail(f"{path}.score_orientation", repr(SCORE_ORIENTATION), data.get("score_orientation"))
         return cls(_name(_get(data, "kind", path), f"{path}.kind"),
                    check_plain_name(_get(data, "file", path), f"manifest field {path}.file"),
-                   _name(_get(data, "features", path), f"{path}.features"),
+                   _str(_get(data, "features", path), f"{path}.features", DETECTOR_FEATURES),
                    _int(_get(data, "feature_count", path), f"{path}.feature_count", 1, MAX_ITEMS),
                    _float(_get(data, "threshold", path), f"{path}.threshold"),
                    _float(_get(data, "tpr", path), f"{path}.tpr", 0.5, 1.0),
@@ -357,7 +439,113 @@ class DetectorSection:
     def to_json(self) -> dict:
         return {"kind": self.kind, "file": self.file, "features": self.features, "feature_count": self.feature_count,
                 "threshold": self.threshold, "tpr": self.tpr, "score_orientation": SCORE_ORIENTATION,
-                "is_anomalous": "score > threshold, or any output not finite", "fit": self.fit}
+                "is_anomalous": "score > threshold, or any output not finite",
+                "fit": _json_value(self.fit, "detector.fit")}
+
+
+#: Variants of the contrastive feature r_x (METHODS.md §4) -> shape of one image's r_x from (C classes, d features).
+CONTRASTIVE_SHAPES = {"full": lambda c, d: (c, c, d), "compact": lambda c, d: (c, d), "norms": lambda c, d: (c,)}
+
+
+@dataclass(frozen=True)
+class ContrastiveFeatures:
+    """The contrastive features r_x the graph emits, one output ``contrastive_<variant>`` per variant."""
+
+    variants: tuple
+
+    @staticmethod
+    def output_name(variant: str) -> str:
+        return f"contrastive_{variant}"
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "ContrastiveFeatures":
+        data = _dict(data, path)
+        variants = _list(_get(data, "variants", path), f"{path}.variants",
+                         lambda v, p: _str(v, p, tuple(CONTRASTIVE_SHAPES)), max_length=len(CONTRASTIVE_SHAPES))
+        if not variants or len(set(variants)) != len(variants):
+            raise _fail(f"{path}.variants", f"distinct variants among {list(CONTRASTIVE_SHAPES)}, at least one",
+                        list(variants))
+        return cls(variants)
+
+    def to_json(self) -> dict:
+        return {"variants": list(self.variants)}
+
+    def expected_outputs(self, classes: int, features: int) -> dict:
+        """Output name -> (dtype, dims after the batch, where they come from) for every variant."""
+        return {self.output_name(variant): ("float32", CONTRASTIVE_SHAPES[variant](classes, features),
+                                            f"classifier.contrastive.variants ({variant}: C={classes}, d={features})")
+                for variant in self.variants}
+
+
+#: Outputs a head named "contrastive" must declare (dtype, shape from C) for ``Probe.contrastive_predict``.
+CONTRASTIVE_HEAD_OUTPUTS = {"contrastive_logits": ("float32", lambda c: ("B", c)),
+                            "contrastive_probs": ("float32", lambda c: ("B", c)),
+                            "contrastive_pred": ("int64", lambda c: ("B",))}
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A second graph run after the probe graph in the same engine call (e.g. the contrastive MLP).
+
+    Its inputs are outputs of the probe graph (or of earlier heads), matched by name, dtype and shape;
+    its outputs join the probe outputs under names no one else uses.
+    """
+
+    name: str
+    file: str
+    inputs: tuple             # TensorSpec
+    outputs: tuple            # TensorSpec
+    fit: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "HeadSpec":
+        data = _dict(data, path)
+        inputs = _list(_get(data, "inputs", path), f"{path}.inputs", TensorSpec.from_json, max_length=16)
+        outputs = _list(_get(data, "outputs", path), f"{path}.outputs", TensorSpec.from_json, max_length=64)
+        for group, specs in (("inputs", inputs), ("outputs", outputs)):
+            names = [spec.name for spec in specs]
+            if not names or len(set(names)) != len(names):
+                raise _fail(f"{path}.{group}", "at least one tensor, names distinct", names)
+        return cls(_name(_get(data, "name", path), f"{path}.name"),
+                   check_plain_name(_get(data, "file", path), f"manifest field {path}.file"), inputs, outputs,
+                   _json_value(_dict(data.get("fit", {}), f"{path}.fit"), f"{path}.fit"))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "file": self.file, "inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs], "fit": self.fit}
+
+
+def check_heads(heads: tuple, outputs: tuple, files: dict) -> None:
+    """Heads in order: distinct names and files, listed files, inputs that exist with the same dtype and
+    shape (probe outputs or earlier heads' outputs), outputs under fresh names."""
+    available = {spec.name: spec for spec in outputs}
+    seen_names, seen_files = set(), set()
+    for index, head in enumerate(heads):
+        where = f"manifest field heads[{index}]"
+        if head.name in seen_names or head.file in seen_files:
+            raise BundleError(f"{where}: head names and files must be distinct ({head.name!r}, {head.file!r})")
+        seen_names.add(head.name)
+        seen_files.add(head.file)
+        if head.file not in files:
+            raise BundleError(f"{where}.file: {head.file!r} is not listed in files")
+        for spec in head.inputs:
+            source = available.get(spec.name)
+            if source is None or (source.dtype, tuple(source.shape)) != (spec.dtype, tuple(spec.shape)):
+                found = "no such output" if source is None else f"{source.dtype} {list(source.shape)}"
+                raise BundleError(f"{where}.inputs: {spec.name!r} must be an output of the graph or an earlier head "
+                                  f"with dtype {spec.dtype} and shape {list(spec.shape)} ({found})")
+        for spec in head.outputs:
+            if spec.name in available:
+                raise BundleError(f"{where}.outputs: {spec.name!r} is already an output of the graph or a head")
+            available[spec.name] = spec
 
 
 @dataclass(frozen=True)
@@ -371,6 +559,7 @@ class ClassifierSection:
     features: int
     maps: tuple               # MapSpec, in output order
     layer_grads: LayerGrads | None = None
+    contrastive: ContrastiveFeatures | None = None
 
     @classmethod
     def from_json(cls, data, path: str) -> "ClassifierSection":
@@ -385,48 +574,103 @@ class ClassifierSection:
         if len({m.name for m in maps}) != len(maps):
             raise _fail(f"{path}.maps", "distinct map names", [m.name for m in maps])
         layer_grads = data.get("layer_grads")
+        contrastive = data.get("contrastive")
         return cls(names, _str(_get(target, "name", f"{path}.target_layer"), f"{path}.target_layer.name", max_length=400),
                    _list(_get(target, "shape", f"{path}.target_layer"), f"{path}.target_layer.shape",
                          lambda v, p: _int(v, p, 1, MAX_DIM), length=3),
                    _str(_get(head, "linear", f"{path}.head"), f"{path}.head.linear", max_length=400),
                    _int(_get(head, "features", f"{path}.head"), f"{path}.head.features", 1, 1 << 24), maps,
-                   None if layer_grads is None else LayerGrads.from_json(layer_grads, f"{path}.layer_grads"))
+                   None if layer_grads is None else LayerGrads.from_json(layer_grads, f"{path}.layer_grads"),
+                   None if contrastive is None else ContrastiveFeatures.from_json(contrastive, f"{path}.contrastive"))
 
     def to_json(self) -> dict:
         return {"class_names": list(self.class_names),
                 "target_layer": {"name": self.target_layer, "shape": list(self.target_shape)},
                 "head": {"linear": self.linear, "features": self.features},
                 "maps": [m.to_json() for m in self.maps],
-                "layer_grads": None if self.layer_grads is None else self.layer_grads.to_json()}
+                "layer_grads": None if self.layer_grads is None else self.layer_grads.to_json(),
+                **({"contrastive": self.contrastive.to_json()} if self.contrastive else {})}
 
     def check_against(self, manifest: "Manifest") -> None:
-        """Cross-field checks against the graph's declared outputs."""
-        outputs = {spec.name: spec for spec in manifest.outputs}
-        for required in ("logits", "probs", "pred", "features", "contrast_class"):
-            if required not in outputs:
-                raise BundleError(f"manifest field outputs: the classifier graph must declare {required!r}")
-        classes = outputs["logits"].shape[-1]
-        if classes != len(self.class_names):
-            raise BundleError(f"manifest field classifier.class_names: expected {classes} names, one per logit "
-                              f"(outputs.logits has shape {list(outputs['logits'].shape)}), got {len(self.class_names)}")
+        """Cross-field checks against the graph's declared inputs and outputs: every output is one this
+        section describes, with the dtype and dims it implies (classes, features, map size, taps)."""
+        contrast = next((spec for spec in manifest.inputs if spec.name == "contrast"), None)
+        if [spec.name for spec in manifest.inputs] != ["images", "contrast"] or contrast.dtype != "int64" or \
+                len(contrast.shape) != 1:
+            raise BundleError(f"manifest field graph.inputs: a classifier graph takes images [B, C, H, W] float32 and "
+                              f"contrast [B] int64, got {[(s.name, s.dtype, list(s.shape)) for s in manifest.inputs]}")
+        outputs = {spec.name: (index, spec) for index, spec in enumerate(manifest.outputs)}
+        sizes = {"C": (len(self.class_names), "one per classifier.class_names"),
+                 "d": (self.features, "classifier.head.features")}
+        expected = {}  # output name -> (dtype, dims after the batch, where the dims come from)
+        for name, (dtype, dims) in CLASSIFIER_OUTPUTS.items():
+            expected[name] = (dtype, tuple(sizes[d][0] if d in sizes else d for d in dims),
+                              ", ".join(sizes[d][1] for d in dims if d in sizes) or "fixed")
         for spec in self.maps:
-            declared = outputs.get(spec.name)
-            if declared is None or tuple(declared.shape[1:]) != self.target_shape[1:]:
-                raise BundleError(f"manifest field classifier.maps: map {spec.name!r} must be a declared output of "
-                                  f"shape [B, {self.target_shape[1]}, {self.target_shape[2]}]")
+            expected[spec.name] = ("float", self.target_shape[1:], "classifier.maps, classifier.target_layer.shape")
         if self.layer_grads is not None:
-            norms = outputs.get("layer_grad_sqnorm")
-            if norms is None or norms.shape[-1] != len(self.layer_grads.names):
-                raise BundleError("manifest field classifier.layer_grads: the graph must declare layer_grad_sqnorm "
-                                  f"with {len(self.layer_grads.names)} columns, one per parameter name")
-            for tap in self.layer_grads.taps:
-                for name in (tap.input, tap.grad):
-                    if name not in outputs or len(outputs[name].shape) != 4:
-                        raise BundleError(f"manifest field classifier.layer_grads.taps: {name!r} must be a declared "
-                                          "4-D output of the graph")
+            expected["layer_grad_sqnorm"] = ("float", (len(self.layer_grads.names),),
+                                             "one per classifier.layer_grads.names")
+            for index, tap in enumerate(self.layer_grads.taps):
+                expected.update(self._tap_outputs(tap, f"classifier.layer_grads.taps[{index}]", outputs))
         elif "layer_grad_sqnorm" in outputs:
             raise BundleError("manifest field classifier.layer_grads is missing although the graph outputs "
                               "layer_grad_sqnorm: the tap columns could not be completed")
+        if self.contrastive is not None:
+            expected.update(self.contrastive.expected_outputs(len(self.class_names), self.features))
+        for name, (dtype, dims, source) in expected.items():
+            if name not in outputs:
+                raise BundleError(f"manifest field graph.outputs: the classifier graph must declare {name!r} "
+                                  f"({source})")
+            index, spec = outputs[name]
+            if (spec.dtype not in FLOAT_DTYPES if dtype == "float" else spec.dtype != dtype) or \
+                    tuple(spec.shape[1:]) != tuple(dims):
+                raise BundleError(f"manifest field graph.outputs[{index}] ({name}): expected {dtype} "
+                                  f"[B, {', '.join(map(str, dims))}] ({source}), got {spec.dtype} {list(spec.shape)}")
+        unexplained = [name for name in outputs if name not in expected]
+        if unexplained:
+            raise BundleError(f"manifest field classifier.maps / classifier.layer_grads: graph output(s) "
+                              f"{unexplained[:8]} are described by no section; a map, tap or contrastive variant "
+                              "is missing")
+        self._check_contrastive_head(manifest.heads, len(self.class_names))
+
+    @staticmethod
+    def _tap_outputs(tap: "Tap", where: str, outputs: dict) -> dict:
+        """The two outputs a tap reads, named after its column, with the shapes its convolution implies."""
+        if (tap.input, tap.grad) != (f"tap_input_{tap.column}", f"tap_grad_{tap.column}"):
+            raise BundleError(f"manifest field {where}: column {tap.column} reads outputs tap_input_{tap.column} / "
+                              f"tap_grad_{tap.column}, got {tap.input!r} / {tap.grad!r}")
+        for name in (tap.input, tap.grad):
+            if name not in outputs:
+                raise BundleError(f"manifest field {where}: {name!r} must be a declared output of the graph")
+            index, spec = outputs[name]
+            if len(spec.shape) != 4 or not all(isinstance(d, int) for d in spec.shape[1:]):
+                raise BundleError(f"manifest field graph.outputs[{index}] ({name}): a tap is a 4-D output "
+                                  f"[B, C, H, W] of fixed C, H, W (read by {where}), got {list(spec.shape)}")
+        height, width = outputs[tap.input][1].shape[2:]
+        conv = tap.conv
+        out_h, out_w = conv.output_size(height, width)
+        if out_h < 1 or out_w < 1:
+            raise BundleError(f"manifest field {where}.conv: {conv} gives an empty output on a {height}x{width} input")
+        return {tap.input: ("float", (conv.in_channels, height, width), f"{where}.conv.in_channels"),
+                tap.grad: ("float", (conv.out_channels, out_h, out_w), f"{where}.conv")}
+
+    def _check_contrastive_head(self, heads: tuple, classes: int) -> None:
+        head = next((head for head in heads if head.name == "contrastive"), None)
+        if head is None:
+            return
+        if self.contrastive is None:
+            raise BundleError("manifest field heads: a 'contrastive' head needs classifier.contrastive features")
+        features = {ContrastiveFeatures.output_name(variant) for variant in self.contrastive.variants}
+        if not set(head.input_names) <= features:
+            raise BundleError(f"manifest field heads: the 'contrastive' head must read contrastive features "
+                              f"{sorted(features)}, not {head.input_names}")
+        declared = {spec.name: spec for spec in head.outputs}
+        for name, (dtype, shape) in CONTRASTIVE_HEAD_OUTPUTS.items():
+            spec = declared.get(name)
+            if spec is None or spec.dtype != dtype or tuple(spec.shape) != shape(classes):
+                raise BundleError(f"manifest field heads: the 'contrastive' head must output {name} as {dtype} of "
+                                  f"shape {list(shape(classes))}")
 
 
 GRADCON_OUTPUTS = ("score", "normality", "recon_loss", "cosine")
@@ -483,6 +727,8 @@ class GradConSection:
             raise BundleError("manifest field graph.inputs: a gradcon graph takes 'images' only")
         if manifest.detector is not None:
             raise BundleError("manifest field detector: a gradcon bundle keeps its threshold in gradcon.threshold")
+        if manifest.heads:
+            raise BundleError("manifest field heads: a gradcon bundle runs its graph alone, without heads")
 
 
 #: Kinds of bundle and the section each one carries (name of the section = name of the kind).
@@ -505,9 +751,11 @@ class Manifest:
     gradprobe_version: str = ""
     created: str = ""
     export: dict = field(default_factory=dict)
+    engines: tuple = ()             # EngineRecord: TensorRT engines built from the graph
+    heads: tuple = ()               # HeadSpec, run after the graph in this order
 
     FIELDS: ClassVar = ("format", "schema_version", "kind", "gradprobe_version", "created", "model", "input",
-                        "graph", "score_orientation", "files", "detector", "export")
+                        "graph", "score_orientation", "files", "detector", "export", "engines", "heads")
 
     @property
     def classifier(self) -> ClassifierSection:
@@ -562,7 +810,9 @@ class Manifest:
             detector=None if detector is None else DetectorSection.from_json(detector, "detector"),
             gradprobe_version=_str(data.get("gradprobe_version", ""), "gradprobe_version", max_length=64),
             created=_str(data.get("created", ""), "created", max_length=64),
-            export=_json_value(_dict(data.get("export", {}), "export"), "export"))
+            export=_json_value(_dict(data.get("export", {}), "export"), "export"),
+            engines=_list(data.get("engines", []), "engines", EngineRecord.from_json, max_length=64),
+            heads=_list(data.get("heads", []), "heads", HeadSpec.from_json, max_length=16))
         manifest.check()
         return manifest
 
@@ -578,13 +828,37 @@ class Manifest:
             names = [spec.name for spec in specs]
             if len(set(names)) != len(names):
                 raise BundleError(f"manifest field graph.{group}: names must be distinct, got {names[:20]}")
-        images = next((spec for spec in self.inputs if spec.name == "images"), None)
+            for index, spec in enumerate(specs):
+                if not spec.shape or not isinstance(spec.shape[0], str):
+                    raise BundleError(f"manifest field graph.{group}[{index}].shape ({spec.name}): expected the batch "
+                                      f"dimension first, by name (e.g. \"B\"), got {list(spec.shape)}")
+        for name, limit, what in ((self.graph, MAX_GRAPH_BYTES, "graph.file"),
+                                  (self.detector.file if self.detector else None, MAX_DETECTOR_BYTES, "detector.file")):
+            if name is not None and name in self.files and self.files[name].bytes > limit:
+                raise BundleError(f"manifest field files.{name}.bytes: {self.files[name].bytes} bytes is more than a "
+                                  f"{what} may have ({limit})")
+        index = next((i for i, spec in enumerate(self.inputs) if spec.name == "images"), None)
+        images = None if index is None else self.inputs[index]
         if images is None or images.dtype != "float32" or tuple(images.shape[1:]) != self.input.shape:
-            raise BundleError(f"manifest field graph.inputs: expected an 'images' float32 input of shape "
+            where = "graph.inputs" if images is None else f"graph.inputs[{index}] (images)"
+            raise BundleError(f"manifest field {where}: expected an 'images' float32 input of shape "
                               f"[B, {', '.join(map(str, self.input.shape))}] matching input.shape")
-        if self.detector is not None and self.detector.features not in {spec.name for spec in self.outputs}:
-            raise BundleError(f"manifest field detector.features: {self.detector.features!r} is not an output "
-                              "of the graph")
+        for index, engine in enumerate(self.engines):
+            if engine.file not in self.files:
+                raise BundleError(f"manifest field engines[{index}].file: {engine.file!r} is not listed in files")
+        if len({e.key for e in self.engines}) != len(self.engines) or \
+                len({e.file for e in self.engines}) != len(self.engines):
+            raise BundleError("manifest field engines: one engine per (TensorRT, GPU, capability, precision, "
+                              "profile) and per file")
+        if self.detector is not None:
+            source = self.output(self.detector.features)
+            if source is None:
+                raise BundleError(f"manifest field detector.features: {self.detector.features!r} is not an output "
+                                  "of the graph")
+            if tuple(source.shape[1:]) != (self.detector.feature_count,):
+                raise BundleError(f"manifest field detector.feature_count: {self.detector.feature_count} features, but "
+                                  f"detector.features {source.name!r} has shape {list(source.shape)}")
+        check_heads(self.heads, self.outputs, self.files)
         self.section.check_against(self)
 
     def to_json(self) -> dict:
@@ -597,4 +871,6 @@ class Manifest:
                 "detector": None if self.detector is None else self.detector.to_json(),
                 "score_orientation": SCORE_ORIENTATION,
                 "files": {name: record.to_json() for name, record in sorted(self.files.items())},
-                "export": self.export}
+                "export": _json_value(self.export, "export"),
+                **({"engines": [engine.to_json() for engine in self.engines]} if self.engines else {}),
+                **({"heads": [head.to_json() for head in self.heads]} if self.heads else {})}

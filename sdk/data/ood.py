@@ -3,7 +3,7 @@
 Every set is float32 [N, 1, 28, 28] in [0, 1], like ``gradprobe.data.fashion_mnist``. Generated sets
 are deterministic (seeded) and cached as uint8 .npy under ``$GRADPROBE_CACHE`` (default
 ``~/.cache/gradprobe``). Fit and evaluation parts of every set are disjoint, so a detector is never
-scored on what it was fitted on. The corruptions are the 8 challenge types of METHODS.md §1 at 5
+scored on what it was fitted on. The corruptions are the 8 challenge types of docs/METHODS.md §1 at 5
 levels, written in numpy/scipy because ``imagecorruptions`` refuses images under 32x32.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ OOD_SETS = {
     "gaussian": "Gaussian noise with Fashion-MNIST's pixel mean and std, clipped to [0, 1]",
     "uniform": "uniform noise in [0, 1]",
 }
-#: The 8 challenge types of METHODS.md §1 (decolor becomes a contrast loss on grayscale).
+#: The 8 challenge types of docs/METHODS.md §1 (decolor becomes a contrast loss on grayscale).
 CORRUPTIONS = ("noise", "lens_blur", "gaussian_blur", "dirty_lens", "exposure", "snow", "haze", "contrast")
 LEVELS = (1, 2, 3, 4, 5)
 #: Fashion-MNIST test split: a fixed permutation; detectors fit on "fit", are scored on "eval".

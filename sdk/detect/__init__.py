@@ -1,4 +1,4 @@
-"""Out-of-distribution and corrupted-input detectors on gradient features (METHODS.md §1).
+"""Out-of-distribution and corrupted-input detectors on gradient features (docs/METHODS.md §1).
 
 Every score is oriented one way: **higher means more anomalous**. Detectors are classes registered by
 name (``DETECTORS``) with one vocabulary: ``fit(features, labels=None) -> self``, ``score(features)``,

@@ -79,6 +79,13 @@ def _images(data, what: str, minimum: int = 10) -> np.ndarray:
     return data
 
 
+def _check_finite(features: np.ndarray, what: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad.size:
+        raise InputError(f"{what} holds {bad.size} image(s) whose gradient features are not finite (first at index "
+                         f"{int(bad[0])}): the model overflows on them; calibrate on images it handles")
+
+
 def fit_detector(probe, in_dist, ood=None, *, kind: str = "paper", tpr: float = 0.95, seed: int = 0,
                  description: dict | None = None, **options) -> tuple[DetectorSection, Detector, bytes]:
     """Fit detector ``kind`` on ``probe``'s features; returns its manifest section, the detector, its file bytes.
@@ -100,8 +107,10 @@ def fit_detector(probe, in_dist, ood=None, *, kind: str = "paper", tpr: float = 
     order = np.random.default_rng(seed).permutation(len(in_images))
     train, held = order[: len(order) // 2], order[len(order) // 2:]
     in_features = gradient_features(probe.run(in_images), source)
+    _check_finite(in_features, "in_dist")
     if cls.supervised:
         ood_features = gradient_features(probe.run(_images(ood, "ood")), source)
+        _check_finite(ood_features, "ood")
         features = np.vstack([in_features[train], ood_features])
         labels = np.r_[np.zeros(len(train), int), np.ones(len(ood_features), int)]
     else:

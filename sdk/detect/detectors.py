@@ -20,6 +20,7 @@ class MLPDetector(Detector):
     layers = "all"
     supervised = True
     arrays = {"mean": ("F",), "std": ("F",), "w1": ("F", "H"), "b1": ("H",), "w2": ("H",), "b2": (1,)}
+    positive = ("std",)
 
     def __init__(self, hidden: int = 32, alpha: float = 1e-3, seed: int = 0):
         super().__init__(hidden=hidden, alpha=alpha, seed=seed)

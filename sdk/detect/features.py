@@ -19,7 +19,7 @@ def feature_source(layers: str, outputs) -> str:
 
 
 def gradient_features(result, source: str = "layer_grad_sqnorm") -> np.ndarray:
-    """log ||dJ/dθ_i||² per parameter tensor θ_i, J = BCE(z, all-ones) (METHODS.md §1), float64 [B, F].
+    """log ||dJ/dθ_i||² per parameter tensor θ_i, J = BCE(z, all-ones) (docs/METHODS.md §1), float64 [B, F].
 
     ``source``: the output holding the squared norms, or a ``layers`` setting ("all": every tensor when
     the result has ``layer_grad_sqnorm``, else the last Linear's; "last": the last Linear's weight and
@@ -34,7 +34,7 @@ def gradient_features(result, source: str = "layer_grad_sqnorm") -> np.ndarray:
 
 
 def gradnorm_score(result, temperature: float = 1.0) -> np.ndarray:
-    """GradNorm (Huang et al. 2021, METHODS.md §5) closed form, negated: -(1/T)·||h||₁·||p − u||₁."""
+    """GradNorm (Huang et al. 2021, docs/METHODS.md §5) closed form, negated: -(1/T)·||h||₁·||p − u||₁."""
     z = np.asarray(result.logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)

@@ -7,27 +7,19 @@ import pytest
 
 from gradprobe.base.errors import BundleError
 from gradprobe.base.manifest import Manifest
+from tests.base.test_damaged_bundles import DELETE, set_field
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "manifest-deep.json").read_text())
 
 
-def _edit(path: str, value):
-    """A copy of the golden manifest with the field at ``path`` (keys split by "/", or "." when there is no
-    "/"; [i] for list items) set to ``value`` (or deleted)."""
-    data = copy.deepcopy(GOLDEN)
+def _edit(path: str, value, base: dict | None = None):
+    """A copy of the golden manifest (or ``base``) with the field at ``path`` (keys split by "/", or "." when there
+    is no "/"; [i] for list items) set to ``value`` (or deleted)."""
+    data = copy.deepcopy(GOLDEN if base is None else base)
     parts = path.replace("[", "/" if "/" in path else ".").replace("]", "").split("/" if "/" in path else ".")
-    keys = [int(k) if k.isdigit() else k for k in parts]
-    parent = data
-    for key in keys[:-1]:
-        parent = parent[key]
-    if value is DELETE:
-        del parent[keys[-1]]
-    else:
-        parent[keys[-1]] = value
+    set_field(data, tuple(int(k) if k.isdigit() else k for k in parts), value)
     return data
 
-
-DELETE = object()
 
 #: (field, damaged value, words the error must contain)
 DAMAGES = [
@@ -49,7 +41,7 @@ DAMAGES = [
     ("graph.file", "other.onnx", "not listed in files"),
     ("graph.outputs", [], "must declare its outputs"),
     ("graph.outputs[0].name", "cam", "names must be distinct"),
-    ("graph.outputs[0].shape", ["B", 11], "expected 11 names, one per logit"),
+    ("graph.outputs[0].shape", ["B", 11], "graph.outputs[0] (logits): expected float [B, 10] (one per classifier.class_names)"),
     ("graph.outputs[0].dtype", "float16", "graph.outputs[0].dtype"),
     ("graph.outputs[1].shape", ["B", 1 << 30], "graph.outputs[1].shape[1]"),
     ("graph.inputs[0].shape", ["B", 3, 28, 28], "matching input.shape"),
@@ -59,19 +51,19 @@ DAMAGES = [
     ("input.range", [0.0, "Infinity"], "input.range[1]: expected a finite number"),
     ("input.normalize.std", [0.0], "input.normalize.std[0]"),
     ("input.normalize.mean", [0.1, 0.2], "a list of 1 items"),
-    ("classifier.class_names", [f"c{i}" for i in range(11)], "expected 10 names"),
+    ("classifier.class_names", [f"c{i}" for i in range(11)], "[B, 11] (one per classifier.class_names), got float32 ['B', 10]"),
     ("classifier.class_names", ["same"] * 10, "distinct names"),
     ("classifier.class_names", DELETE, "classifier.class_names is missing"),
     ("classifier.maps[0].sign", 2, "sign: expected 1 or -1"),
     ("classifier.maps[0].uses_contrast", "no", "uses_contrast"),
-    ("classifier.maps[0].name", "not_an_output", "must be a declared output"),
+    ("classifier.maps[0].name", "not_an_output", "must declare 'not_an_output' (classifier.maps"),
     ("classifier.layer_grads", None, "layer_grads is missing although the graph outputs layer_grad_sqnorm"),
     ("classifier.layer_grads.names", ["only one"], "a list of 1 items"),
     ("classifier.layer_grads.taps", [], "taps for exactly the 'tap' columns"),
     ("classifier.layer_grads.taps[0].conv.padding", [298, 298], "padding[0]: expected an integer in [0, 64]"),
     ("classifier.layer_grads.taps[0].conv.groups", 0, "groups"),
     ("classifier.layer_grads.taps[0].conv.groups", 3, "a divisor of in_channels and out_channels"),
-    ("classifier.layer_grads.taps[0].input", "nowhere", "must be a declared 4-D output"),
+    ("classifier.layer_grads.taps[0].input", "nowhere", "taps[0]: column 0 reads outputs tap_input_0 / tap_grad_0, got 'nowhere'"),
     ("classifier.layer_grads.confounding", "mse", "confounding"),
     ("detector.file", "../../victim/victim.txt", "not a plain file name"),
     ("detector.file", "/dev/zero", "not a plain file name"),
@@ -80,7 +72,7 @@ DAMAGES = [
     ("detector.threshold", None, "detector.threshold"),
     ("detector.tpr", 1.5, "detector.tpr"),
     ("detector.feature_count", 0, "detector.feature_count"),
-    ("detector.features", "cam_of_nothing", "is not an output"),
+    ("detector.features", "cam_of_nothing", "detector.features: expected one of"),
     ("model.weights", "../model.safetensors", "not a plain file name"),
     ("model.parameters", 1.5, "model.parameters"),
     ("score_orientation", "lower means more anomalous", "score_orientation"),

@@ -1,4 +1,4 @@
-"""``Probe.explain`` maps equal autograd (METHODS.md §3) and the peers, after the same upsample + normalisation.
+"""``Probe.explain`` maps equal autograd (docs/METHODS.md §3) and the peers, after the same upsample + normalisation.
 
 - default suite (main venv): contrastive, counterfactual and Grad-CAM maps vs the per-sample autograd
   reference (CE with target Q; negated weights), for every reference model;

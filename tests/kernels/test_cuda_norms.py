@@ -34,3 +34,20 @@ def test_cuda_linear():
     CudaNormKernels().linear_weight_sqnorm(x, g, out)
     torch.cuda.synchronize()
     np.testing.assert_allclose(out.cpu().numpy(), linear_weight_sqnorm(x.cpu().numpy(), g.cpu().numpy()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_write_tap_column_fills_one_column_on_the_device(dtype):
+    """What the runtime engine calls for device outputs: the other columns untouched, no host copy needed."""
+    from gradprobe import kernels
+    from gradprobe.kernels import ConvSpec, conv_weight_sqnorm
+
+    spec = ConvSpec(8, 16, (3, 3), (2, 2), (1, 1), (1, 1), 1)
+    x = torch.randn(300, 8, 14, 14, device="cuda")
+    g = torch.randn(300, 16, 7, 7, device="cuda")
+    norms = torch.full((300, 5), -1.0, dtype=dtype, device="cuda")
+    kernels.write_tap_column(norms, 3, x, g, spec)
+    torch.cuda.synchronize()
+    expected = conv_weight_sqnorm(x.cpu().numpy(), g.cpu().numpy(), spec, "direct")
+    np.testing.assert_allclose(norms[:, 3].cpu().numpy(), expected, rtol=1e-5)
+    assert bool((norms[:, [0, 1, 2, 4]] == -1).all())

@@ -58,7 +58,8 @@ def test_onnxruntime_declares_its_specs_and_checks_feeds_once(bundles):
     assert [s.name for s in backend.input_specs] == ["images", "contrast"]
     assert backend.input_specs[0].dtype == "float32" and backend.input_specs[0].shape[1:] == (1, 28, 28)
     assert backend.output_names == [spec.name for spec in bundle.manifest.outputs]
-    assert backend.describe() == {"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]}
+    assert backend.describe() == {"backend": "onnxruntime", "providers": ["CPUExecutionProvider"],
+                                  "provider": "CPUExecutionProvider"}
     good = {"images": np.zeros((2, 1, 28, 28), np.float32), "contrast": np.full(2, -1, np.int64)}
     assert backend.infer(good)["logits"].shape == (2, 10)
     with pytest.raises(InputError, match="feed 'contrast' is missing"):

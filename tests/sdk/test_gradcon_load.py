@@ -13,8 +13,8 @@ from tests.bundles import copy_bundle, edit_manifest
 
 
 @pytest.fixture(scope="module")
-def probe(bundles):
-    with gradprobe.load(bundles["gradcon"], threads=1) as loaded:
+def probe(gradcon_bundles):
+    with gradprobe.load(gradcon_bundles["gradcon"], threads=1) as loaded:
         yield loaded
 
 
@@ -51,17 +51,17 @@ def test_score_is_the_negated_normality_of_the_paper(probe, fmnist_test):
     assert np.all(np.abs(result.cosine) <= 1 + 1e-5) and np.all(result.recon_loss >= 0)
 
 
-def test_batches_and_chunks_agree(bundles, probe, fmnist_test):
+def test_batches_and_chunks_agree(gradcon_bundles, probe, fmnist_test):
     images = fmnist_test[0][:37]
     whole = probe.run(images).score
     one = np.concatenate([probe.run(images[i:i + 1]).score for i in range(len(images))])
-    with gradprobe.load(bundles["gradcon"], max_batch=8) as chunked:
+    with gradprobe.load(gradcon_bundles["gradcon"], max_batch=8) as chunked:
         np.testing.assert_allclose(chunked.run(images).score, whole, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(one, whole, rtol=1e-5, atol=1e-7)
 
 
-def test_calibrate_stores_the_threshold_in_the_bundle(bundles, fmnist_test, tmp_path):
-    copy = copy_bundle(bundles["gradcon"], tmp_path)
+def test_calibrate_stores_the_threshold_in_the_bundle(gradcon_bundles, fmnist_test, tmp_path):
+    copy = copy_bundle(gradcon_bundles["gradcon"], tmp_path)
     images, labels = fmnist_test
     normal, others = images[labels == 1][:300], images[labels != 1][:300]
     with gradprobe.load(copy) as probe:
@@ -89,8 +89,8 @@ def test_threshold_max_f1_on_a_hand_made_case():
         threshold_max_f1(scores, np.ones(6, bool))
 
 
-def test_uncalibrated_bundle_refuses_to_decide(bundles, fmnist_test, tmp_path):
-    copy = copy_bundle(bundles["gradcon"], tmp_path)
+def test_uncalibrated_bundle_refuses_to_decide(gradcon_bundles, fmnist_test, tmp_path):
+    copy = copy_bundle(gradcon_bundles["gradcon"], tmp_path)
     edit_manifest(copy, lambda m: m["gradcon"].update(threshold=None, calibration={}))
     with gradprobe.load(copy) as probe:
         assert probe.run(fmnist_test[0][:3]).score.shape == (3,)
@@ -124,26 +124,26 @@ def test_bad_calibration_data_says_what_is_expected(probe, fmnist_test):
     (lambda m: m["gradcon"].pop("beta"), "gradcon.beta"),
     (lambda m: m.update(kind="other"), "kind"),
 ])
-def test_damaged_gradcon_manifest_is_refused(bundles, tmp_path, change, message):
-    copy = copy_bundle(bundles["gradcon"], tmp_path)
+def test_damaged_gradcon_manifest_is_refused(gradcon_bundles, tmp_path, change, message):
+    copy = copy_bundle(gradcon_bundles["gradcon"], tmp_path)
     edit_manifest(copy, change)
     with pytest.raises(BundleError, match=message):
         gradprobe.load(copy)
 
 
-def test_each_facade_refuses_the_other_kind(bundles):
+def test_each_facade_refuses_the_other_kind(gradcon_bundles, bundles):
     from gradprobe.gradcon import GradConProbe
     from gradprobe.probe import Probe
 
     with pytest.raises(BundleError, match="'gradcon' bundle"):
-        Probe(bundles["gradcon"])
+        Probe(gradcon_bundles["gradcon"])
     with pytest.raises(BundleError, match="'classifier' bundle"):
         GradConProbe(bundles["plain"])
 
 
-def test_detect_runs_without_torch(bundles, fmnist_test, tmp_path):
+def test_detect_runs_without_torch(gradcon_bundles, fmnist_test, tmp_path):
     np.save(tmp_path / "x.npy", fmnist_test[0][:5])
-    code = (f"import sys, numpy as np, gradprobe; r = gradprobe.load({str(bundles['gradcon'])!r})"
+    code = (f"import sys, numpy as np, gradprobe; r = gradprobe.load({str(gradcon_bundles['gradcon'])!r})"
             f".detect(np.load({str(tmp_path / 'x.npy')!r})); print(r.score.shape, r.kind, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(5,) gradcon False"
