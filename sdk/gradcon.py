@@ -99,11 +99,13 @@ class GradConProbe(EngineFacade):
         Other processes see it when they next load the bundle.
         """
         normal = _images(normal, "normal")
+        if anomalous is None and (isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.5 <= tpr < 1):
+            raise InputError(f"tpr must be in [0.5, 1), got {tpr!r}")
         scores = self.run(normal).score.astype(np.float64)
+        if not np.isfinite(scores).any():
+            raise InputError("no normal image gives a finite score; calibrate with images the model can handle")
         calibration = {"normal": int(len(normal)), "data": description or {}}
         if anomalous is None:
-            if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.5 <= tpr < 1:
-                raise InputError(f"tpr must be in [0.5, 1), got {tpr!r}")
             threshold = threshold_at_tpr(scores[np.isfinite(scores)], tpr)
             calibration.update(rule="tpr", tpr=float(tpr))
         else:
