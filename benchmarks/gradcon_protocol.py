@@ -197,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--snapshots", default="", help="also keep the models of these shorter runs, e.g. 25,50")
     parser.add_argument("--out", default=str(RESULTS), help="where gradcon.md/.json/.png go")
+    parser.add_argument("--name", default=None, help="file stem (default gradcon, or gradcon-quick with --quick)")
     args = parser.parse_args(argv)
     from gradprobe.export.gradcon import ALPHA, BETA
 
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
     result = json.loads(json.dumps(result))  # int keys -> str, as read back
     result["table"] = {int(k): v for k, v in result["table"].items()}
     out = Path(args.out)
-    stem = "gradcon-quick" if args.quick else "gradcon"
+    stem = args.name or ("gradcon-quick" if args.quick else "gradcon")
     from gradprobe.base.fileio import atomic_write_text
 
     atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
