@@ -45,7 +45,7 @@ test-runtime: setup
 	$(RUNTIME_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'onnx')))" \
 		|| { echo "$(RUNTIME_VENV) must hold neither torch nor onnx"; exit 1; }
 	GRADPROBE_TEST_BUNDLES=$(TEST_BUNDLES) $(RUNTIME_VENV)/bin/python -m pytest -m "$(MARKERS)" \
-		tests/base tests/runtime tests/sdk/test_load.py tests/sdk/test_imports.py
+		tests/base tests/runtime tests/sdk/test_load.py tests/sdk/test_imports.py tests/sdk/test_gradcon_load.py
 
 test-all: setup peers
 	$(PY) -m pytest

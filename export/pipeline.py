@@ -122,15 +122,15 @@ def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding:
     return probe, norms, outputs
 
 
-def _export_batch(example: torch.Tensor, classes: int) -> int:
+def export_batch(example: torch.Tensor, *other_dims: int) -> int:
     """An example batch size equal to no other dimension: otherwise the exporter silently fixes the batch."""
-    taken = set(example.shape[1:]) | {classes}
+    taken = set(example.shape[1:]) | set(other_dims)
     return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
 
 
 def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Export and verification inputs: the examples, cycled and jittered, and every contrast class."""
-    batch = _export_batch(example, classes)
+    batch = export_batch(example, classes)
     images = example[torch.arange(batch) % example.shape[0]].clone()
     images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
     contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
@@ -195,22 +195,31 @@ def complete_with_kernels(outputs: dict, manifest: Manifest) -> dict:
     return arrays
 
 
-def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
-           contrast: torch.Tensor) -> dict:
-    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE."""
+def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: dict | None = None,
+                 what: str = "the probe graph") -> dict | None:
+    """The exported graph through the runtime's engine, as users will run it; None (with a warning) when
+    onnxruntime is not installed, so the export is not verified."""
     from gradprobe.base.errors import BackendUnavailableError
     from gradprobe.runtime import ProbeEngine, create_backend
 
     try:
         engine = ProbeEngine(create_backend("onnxruntime", graph), manifest)
     except BackendUnavailableError:
-        warnings.warn("onnxruntime is not installed: the exported probe graph was not verified "
-                      "(pip install 'gradprobe[cpu]')", stacklevel=3)
-        return {}
+        warnings.warn(f"onnxruntime is not installed: {what} was not verified (pip install 'gradprobe[cpu]')",
+                      stacklevel=4)
+        return None
     try:
-        got = engine.infer(images.numpy(), {"contrast": contrast.numpy()})
+        return engine.infer(images.numpy(), feeds)
     finally:
         engine.close()
+
+
+def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
+           contrast: torch.Tensor) -> dict:
+    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE."""
+    got = run_exported(graph, manifest, images, {"contrast": contrast.numpy()})
+    if got is None:
+        return {}
     with torch.no_grad():
         expected = complete_with_kernels(probe(images, contrast), manifest)
     errors = parity_errors(got, expected, floor=1e-12, per_output=True)

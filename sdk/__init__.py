@@ -13,7 +13,7 @@ from .base.errors import (BackendUnavailableError, BundleError, DataError, Expor
 __version__ = "0.2.0"
 
 _LAZY_MODULES = {"export", "models", "data", "runtime", "kernels", "viz", "cli", "detect", "explain", "base",
-                 "contrastive"}
+                 "contrastive", "gradcon"}
 _LAZY_ATTRIBUTES = {"load": ("probe", "load"), "Probe": ("probe", "Probe"),
                     "ProbeResult": ("results", "ProbeResult"), "Explanation": ("explain", "Explanation"),
                     "DetectionResult": ("detect", "DetectionResult"),

@@ -1,5 +1,5 @@
-"""The ``gradprobe`` command line: train, export, info, explain, calibrate, train-contrastive, demo; bench and eval
-from a checkout."""
+"""The ``gradprobe`` command line: train, train-gradcon, export, info, explain, calibrate, train-contrastive, demo;
+bench and eval from a checkout."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,37 @@ def _train(args):
     result = train(args.arch, epochs=args.epochs, seed=args.seed, out=args.out, lr=args.lr,
                    batch_size=args.batch_size, threads=args.threads, limit=args.limit)
     print(json.dumps(result, indent=2))
+
+
+def _train_gradcon(args):
+    from gradprobe.export.gradcon import train_normal_class
+
+    record = train_normal_class(args.normal_class, args.out, epochs=args.epochs, seed=args.seed, quick=args.quick,
+                                threads=args.threads)
+    record = {key: value for key, value in record.items() if key != "history"}
+    if args.bundle:
+        record["bundle"] = str(_gradcon_bundle(args.out, args.bundle, args.outlier_percent, args.threads))
+    print(json.dumps(record, indent=2))
+
+
+def _gradcon_bundle(checkpoint, bundle, outlier_percent: int, threads):
+    """Export the trained model and calibrate its threshold on the GPND validation fold (max F1)."""
+    import gradprobe
+    from gradprobe.data import fashion_mnist_pooled, gpnd_folds, gpnd_split
+    from gradprobe.export.gradcon import load_gradcon
+
+    model, metadata = load_gradcon(checkpoint)
+    training = metadata.get("training", {})
+    images, labels = fashion_mnist_pooled()
+    split = gpnd_split(labels, gpnd_folds(labels, training.get("split_seed", 0)), training["normal_class"],
+                       outlier_percent)
+    val, is_outlier = images[split["val"]], split["val_outlier"]
+    path = gradprobe.export(model, val[:8], bundle, training=training)
+    with gradprobe.load(path, threads=threads) as probe:
+        probe.calibrate(val[~is_outlier], val[is_outlier], description={
+            "normal": f"Fashion-MNIST class {training['normal_class']}, GPND validation fold",
+            "anomalous": f"the other classes of the same fold, {outlier_percent} % of the set"})
+    return path
 
 
 def _export(args):
@@ -39,10 +70,30 @@ def _export(args):
     _print_info(path)
 
 
+def _print_gradcon_info(probe):
+    manifest, section = probe.manifest, probe.manifest.gradcon
+    print(probe)
+    print(f"model      {manifest.model.class_name} ({manifest.model.parameters:,} parameters), GradCon anomaly "
+          f"detector{'' if 'normal_class' not in section.training else ' of class ' + str(section.training['normal_class'])}")
+    print(f"input      images [B, {', '.join(map(str, manifest.input.shape))}] float32 in {list(manifest.input.range)}")
+    print("outputs")
+    for spec in manifest.outputs:
+        print(f"  {spec.name:<24} {spec.meaning}")
+    errors = manifest.export.get("max_abs_error_vs_autograd") or {}
+    if errors:
+        print(f"export     max |ORT - per-sample autograd| = {max(errors.values()):.1e}; "
+              f"TensorRT parser problems: {manifest.export.get('tensorrt_problems') or 'none'}")
+    if section.threshold is not None:
+        print(f"threshold  {section.threshold:.6g} ({section.calibration.get('rule')})")
+    print("scores     higher means more anomalous (score = -normality)")
+
+
 def _print_info(path):
     import gradprobe
 
     probe = gradprobe.load(path)
+    if probe.manifest.kind == "gradcon":
+        return _print_gradcon_info(probe)
     manifest, section = probe.manifest, probe.manifest.classifier
     print(probe)
     print(f"model      {manifest.model.class_name} ({manifest.model.parameters:,} parameters)")
@@ -150,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     train.add_argument("--out", required=True, help="safetensors checkpoint to write")
     train.set_defaults(handler=_train)
+
+    gradcon = commands.add_parser("train-gradcon", help="train a GradCon anomaly detector for one Fashion-MNIST "
+                                                         "class (GPND folds)")
+    gradcon.add_argument("--normal-class", type=int, required=True, choices=range(10), metavar="K",
+                         help="the normal class 0-9; every other class is an anomaly")
+    gradcon.add_argument("--epochs", type=int, default=20)
+    gradcon.add_argument("--seed", type=int, default=0)
+    gradcon.add_argument("--quick", action="store_true", help="a few dozen steps on a subset (smoke runs, CI)")
+    gradcon.add_argument("--threads", type=int, default=None)
+    gradcon.add_argument("--out", required=True, help="safetensors checkpoint to write (weights + references)")
+    gradcon.add_argument("--bundle", default=None, help="also export a bundle here, threshold calibrated on the "
+                                                        "validation fold")
+    gradcon.add_argument("--outlier-percent", type=int, default=50,
+                         help="anomalies in the calibration set, in %% (default 50)")
+    gradcon.set_defaults(handler=_train_gradcon)
 
     export = commands.add_parser("export", help="export a checkpoint with its probe graph as a bundle")
     export.add_argument("model", help="'resnet-fmnist' (shipped) or a .safetensors file from `gradprobe train`")

@@ -18,7 +18,7 @@ from .base.manifest import Manifest
 from .results import ProbeResult
 
 #: manifest kind -> "module:Class" of the facade that runs such bundles.
-FACADES = {"classifier": "gradprobe.probe:Probe"}
+FACADES = {"classifier": "gradprobe.probe:Probe", "gradcon": "gradprobe.gradcon:GradConProbe"}
 
 
 def _wanted_files(manifest: Manifest) -> list[str]:
@@ -26,7 +26,22 @@ def _wanted_files(manifest: Manifest) -> list[str]:
         [head.file for head in manifest.heads]
 
 
-class Probe:
+class EngineFacade:
+    """What every facade over a ``ProbeEngine`` shares: release the engine when done, as a context manager."""
+
+    engine = None
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Probe(EngineFacade):
     """A classifier bundle: ``run`` every probe output, ``explain``, ``detect``, ``calibrate``,
     ``contrastive_predict`` (after ``train_contrastive``).
 
@@ -167,18 +182,10 @@ class Probe:
         self._detector = self._read_detector(files)
         return spec
 
-    def close(self) -> None:
-        self.engine.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def load(bundle: str | os.PathLike, **options):
-    """Open a bundle written by ``gradprobe.export`` with the facade its kind needs (``Probe`` for classifiers)."""
+    """Open a bundle written by ``gradprobe.export`` with the facade its kind needs (``Probe`` for classifiers,
+    ``GradConProbe`` for GradCon anomaly detectors)."""
     kind = Bundle.open(bundle).manifest.kind
     module_name, class_name = FACADES[kind].split(":")
     return getattr(importlib.import_module(module_name), class_name)(Path(bundle), **options)

@@ -1,7 +1,8 @@
 """The standard test bundles, exported with torch: ``python -m tests.bundles OUT`` writes them (and the
-contrastive ones) for a run of the runtime tests in a venv without torch (``GRADPROBE_TEST_BUNDLES=OUT``)."""
+contrastive and GradCon ones) for a run of the runtime tests in a venv without torch (``GRADPROBE_TEST_BUNDLES=OUT``)."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,20 @@ import gradprobe
 BUNDLES = {"plain": "the shipped ResNet, maps and last-layer norms",
            "deep": "the shipped ResNet with layer_grads=True",
            "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits"}
+
+
+def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
+    """A copy of a test bundle that a test may damage."""
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def edit_manifest(folder: Path, change) -> None:
+    """Apply ``change(manifest_dict)`` to the bundle's manifest.json in place."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def make_bundles(folder: str | Path) -> dict[str, Path]:
@@ -52,6 +67,28 @@ def make_contrastive_bundles(folder: str | Path) -> dict[str, Path]:
     return {"contrastive-features": features, "contrastive": trained}
 
 
+#: name -> what it is (made by ``make_gradcon_bundles``, apart from BUNDLES so other tests do not wait for it)
+GRADCON_BUNDLES = {"gradcon": "a GradCon detector of trousers (class 1) after 40 training steps, threshold calibrated"}
+
+
+def make_gradcon_bundles(folder: str | Path) -> dict[str, Path]:
+    """Trained briefly on the GPND training folds of class 1, calibrated on its validation fold (max F1)."""
+    from gradprobe.data import fashion_mnist_pooled, gpnd_folds, gpnd_split
+    from gradprobe.export.gradcon import QUICK, train_gradcon
+
+    images, labels = fashion_mnist_pooled()
+    split = gpnd_split(labels, gpnd_folds(labels), normal_class=1, outlier_percent=50)
+    model, _ = train_gradcon(images[split["train"]][:QUICK["train_limit"]], epochs=1, max_steps=QUICK["max_steps"],
+                             progress=False)
+    val, is_outlier = images[split["val"]][::4], split["val_outlier"][::4]
+    path = gradprobe.export(model, val[:4], Path(folder) / "gradcon",
+                            training={"normal_class": 1, "steps": QUICK["max_steps"]})
+    with gradprobe.load(path) as probe:
+        probe.calibrate(val[~is_outlier], val[is_outlier])
+    return {"gradcon": path}
+
+
 if __name__ == "__main__":
-    for name, path in {**make_bundles(sys.argv[1]), **make_contrastive_bundles(sys.argv[1])}.items():
+    for name, path in {**make_bundles(sys.argv[1]), **make_contrastive_bundles(sys.argv[1]),
+                       **make_gradcon_bundles(sys.argv[1])}.items():
         print(f"{name}: {path}")

@@ -47,6 +47,14 @@ def contrastive_bundles(tmp_path_factory) -> dict[str, Path]:
     return _exported_bundles(CONTRASTIVE_BUNDLES, "make_contrastive_bundles", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def gradcon_bundles(tmp_path_factory) -> dict[str, Path]:
+    """The GradCon bundle (tests/bundles.py GRADCON_BUNDLES): a briefly trained detector, calibrated."""
+    from tests.bundles import GRADCON_BUNDLES
+
+    return _exported_bundles(GRADCON_BUNDLES, "make_gradcon_bundles", tmp_path_factory)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

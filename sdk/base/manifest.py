@@ -673,8 +673,66 @@ class ClassifierSection:
                                   f"shape {list(shape(classes))}")
 
 
+GRADCON_OUTPUTS = ("score", "normality", "recon_loss", "cosine")
+GRADCON_RULES = ("max_f1", "tpr")
+
+
+@dataclass(frozen=True)
+class GradConSection:
+    """A GradCon anomaly detector (METHODS.md §2): the graph computes every score, the bundle holds its threshold.
+
+    ``score`` = recon_loss − β·mean(cosine) is gradprobe's orientation (higher = more anomalous): the
+    negated normality score s = −L + β·mean cos of the paper, which the graph also outputs as ``normality``.
+    """
+
+    beta: float
+    decoder_weights: tuple          # one name per cosine column
+    threshold: float | None = None  # score above which an image is anomalous; set by calibrate
+    calibration: dict = field(default_factory=dict)   # rule (max_f1 or tpr), sizes, data description
+    training: dict = field(default_factory=dict)      # informational: normal class, epochs, alpha, seed ...
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "GradConSection":
+        data = _dict(data, path)
+        threshold = data.get("threshold")
+        calibration = _json_value(_dict(data.get("calibration", {}), f"{path}.calibration"), f"{path}.calibration")
+        if threshold is not None and calibration.get("rule") not in GRADCON_RULES:
+            raise _fail(f"{path}.calibration.rule", f"one of {list(GRADCON_RULES)} for a calibrated threshold",
+                        calibration.get("rule"))
+        return cls(_float(_get(data, "beta", path), f"{path}.beta", 0.0, 1e6),
+                   _list(_get(data, "decoder_weights", path), f"{path}.decoder_weights",
+                         lambda v, p: _str(v, p, max_length=200), max_length=64),
+                   None if threshold is None else _float(threshold, f"{path}.threshold"), calibration,
+                   _json_value(_dict(data.get("training", {}), f"{path}.training"), f"{path}.training"))
+
+    def to_json(self) -> dict:
+        return {"beta": self.beta, "decoder_weights": list(self.decoder_weights), "threshold": self.threshold,
+                "score": "recon_loss - beta * mean(cosine): higher means more anomalous (the negated GradCon "
+                         "normality score s = -L + beta * mean cos, also output as 'normality')",
+                "is_anomalous": "score > threshold, or any output not finite",
+                "calibration": self.calibration, "training": self.training}
+
+    def check_against(self, manifest: "Manifest") -> None:
+        outputs = {spec.name: spec for spec in manifest.outputs}
+        if tuple(outputs) != GRADCON_OUTPUTS:
+            raise BundleError(f"manifest field graph.outputs: a gradcon graph outputs {list(GRADCON_OUTPUTS)}, "
+                              f"got {list(outputs)[:8]}")
+        for name in GRADCON_OUTPUTS[:3]:
+            if len(outputs[name].shape) != 1 or outputs[name].dtype != "float32":
+                raise BundleError(f"manifest field graph.outputs: {name!r} must be float32 [B], one per image")
+        if tuple(outputs["cosine"].shape[1:]) != (len(self.decoder_weights),):
+            raise BundleError(f"manifest field gradcon.decoder_weights: {len(self.decoder_weights)} names for "
+                              f"cosine of shape {list(outputs['cosine'].shape)}; one name per column")
+        if [spec.name for spec in manifest.inputs] != ["images"]:
+            raise BundleError("manifest field graph.inputs: a gradcon graph takes 'images' only")
+        if manifest.detector is not None:
+            raise BundleError("manifest field detector: a gradcon bundle keeps its threshold in gradcon.threshold")
+        if manifest.heads:
+            raise BundleError("manifest field heads: a gradcon bundle runs its graph alone, without heads")
+
+
 #: Kinds of bundle and the section each one carries (name of the section = name of the kind).
-SECTIONS: dict[str, type] = {"classifier": ClassifierSection}
+SECTIONS: dict[str, type] = {"classifier": ClassifierSection, "gradcon": GradConSection}
 
 
 @dataclass(frozen=True)
@@ -703,6 +761,12 @@ class Manifest:
     def classifier(self) -> ClassifierSection:
         if self.kind != "classifier":
             raise BundleError(f"this is a {self.kind!r} bundle, not a classifier bundle")
+        return self.section
+
+    @property
+    def gradcon(self) -> GradConSection:
+        if self.kind != "gradcon":
+            raise BundleError(f"this is a {self.kind!r} bundle, not a gradcon bundle")
         return self.section
 
     def output(self, name: str) -> TensorSpec | None:

@@ -6,6 +6,7 @@ name (``DETECTORS``) with one vocabulary: ``fit(features, labels=None) -> self``
 ``Probe.detect`` needs neither scikit-learn nor torch.
 """
 from .base import DETECTORS, Detector, register_detector  # noqa: F401
-from .calibrate import DetectionResult, detection_result, fit_detector, threshold_at_tpr  # noqa: F401
+from .calibrate import (DetectionResult, detection_result, f1_of_normal, fit_detector, threshold_at_tpr,  # noqa: F401
+                        threshold_max_f1)
 from .detectors import GaussianDetector, LastLayerMLPDetector, MLPDetector  # noqa: F401
 from .features import EPS, gradient_features, gradnorm_score  # noqa: F401

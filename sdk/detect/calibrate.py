@@ -18,6 +18,29 @@ def threshold_at_tpr(in_scores, tpr: float = 0.95) -> float:
     return float(np.quantile(np.asarray(in_scores, np.float64), tpr, method="higher"))
 
 
+def f1_of_normal(scores, is_anomalous, threshold: float) -> float:
+    """F1 with normal inputs as the positive class (the GPND protocol's F1): accepted when score <= threshold."""
+    accepted, normal = np.asarray(scores) <= threshold, ~np.asarray(is_anomalous, bool)
+    return 2.0 * float(np.sum(accepted & normal)) / max(float(accepted.sum() + normal.sum()), 1.0)
+
+
+def threshold_max_f1(scores, is_anomalous) -> float:
+    """The threshold of highest ``f1_of_normal`` on labelled data, halfway between two distinct scores."""
+    scores, is_anomalous = np.asarray(scores, np.float64), np.asarray(is_anomalous, bool)
+    if scores.ndim != 1 or scores.shape != is_anomalous.shape or not np.isfinite(scores).all():
+        raise InputError(f"threshold_max_f1 needs finite scores [N] and labels [N], got {list(scores.shape)} "
+                         f"and {list(is_anomalous.shape)}")
+    if is_anomalous.all():
+        raise InputError("threshold_max_f1 needs some normal inputs, got only anomalous ones")
+    order = np.argsort(scores, kind="stable")
+    ranked, normal = scores[order], ~is_anomalous[order]
+    accepted = np.arange(1, len(ranked) + 1)                   # accept the k lowest scores
+    f1 = 2.0 * np.cumsum(normal) / (accepted + normal.sum())
+    cut = np.r_[ranked[1:] > ranked[:-1], True]                # only between distinct scores
+    best = int(np.argmax(np.where(cut, f1, -1.0)))
+    return float(ranked[best]) if best == len(ranked) - 1 else float((ranked[best] + ranked[best + 1]) / 2)
+
+
 @dataclass(frozen=True)
 class DetectionResult:
     """``score`` [B] (higher = more anomalous) and the decision ``is_anomalous`` [B] with its ``reasons``.
@@ -47,11 +70,11 @@ def detection_result(score: np.ndarray, finite: np.ndarray, threshold: float, ki
                            reasons=reasons, probe=probe)
 
 
-def _images(data, what: str) -> np.ndarray:
+def _images(data, what: str, minimum: int = 10) -> np.ndarray:
     if isinstance(data, tuple):  # (images, labels) as gradprobe.data returns them
         data = data[0]
-    if not isinstance(data, np.ndarray) or data.ndim != 4 or len(data) < 10:
-        raise InputError(f"{what} must be images [N, C, H, W] with N >= 10, got "
+    if not isinstance(data, np.ndarray) or data.ndim != 4 or len(data) < minimum:
+        raise InputError(f"{what} must be images [N, C, H, W] with N >= {minimum}, got "
                          f"{list(getattr(data, 'shape', [])) or type(data).__name__}")
     return data
 

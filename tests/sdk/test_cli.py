@@ -36,3 +36,18 @@ def test_demo_runs_and_draws(tmp_path):
     assert accuracy >= 90.0
     png = (tmp_path / "explanations.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+
+
+def test_train_gradcon_quick_writes_a_calibrated_bundle(tmp_path, capsys):
+    import json
+
+    out, bundle = tmp_path / "gradcon.safetensors", tmp_path / "bundle"
+    assert main(["train-gradcon", "--normal-class", "7", "--quick", "--out", str(out), "--bundle", str(bundle),
+                 "--outlier-percent", "10"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["normal_class"] == 7 and record["steps"] > 0 and record["bundle"] == str(bundle)
+    meta = gradprobe.models.read_metadata(out)
+    assert meta["trained_with"].startswith("gradprobe train-gradcon --normal-class 7") and meta["normal_class"] == 7
+    assert main(["info", str(bundle)]) == 0
+    printed = capsys.readouterr().out
+    assert "GradCon anomaly detector of class 7" in printed and "threshold" in printed and "max_f1" in printed

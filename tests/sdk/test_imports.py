@@ -9,7 +9,7 @@ import pytest
     "import gradprobe",
     "import gradprobe.runtime",
     "import gradprobe, gradprobe.runtime, gradprobe.data, gradprobe.base.bundle, gradprobe.probe, gradprobe.detect, "
-    "gradprobe.explain, gradprobe.kernels, gradprobe.cli",
+    "gradprobe.explain, gradprobe.kernels, gradprobe.cli, gradprobe.gradcon",
 ])
 def test_import_does_not_load_torch(statement):
     code = f"{statement}; import sys; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'sklearn') if m in sys.modules))"

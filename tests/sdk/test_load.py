@@ -1,6 +1,4 @@
 """Loading damaged or foreign bundles gives a BundleError that says what is wrong; never another exception."""
-import json
-import shutil
 
 import numpy as np
 import pytest
@@ -8,22 +6,11 @@ import pytest
 import gradprobe
 from gradprobe import BundleError
 from gradprobe.base.bundle import file_record
-
-
-def _copy(bundle, tmp_path):
-    target = tmp_path / "copy"
-    shutil.copytree(bundle, target)
-    return target
-
-
-def _edit_manifest(folder, change):
-    manifest = json.loads((folder / "manifest.json").read_text())
-    change(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+from tests.bundles import copy_bundle, edit_manifest
 
 
 def test_truncated_onnx(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     data = (copy / "probe.onnx").read_bytes()
     (copy / "probe.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="truncated"):
@@ -31,14 +18,14 @@ def test_truncated_onnx(bundles, tmp_path):
 
 
 def test_missing_file(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     (copy / "probe.onnx").unlink()
     with pytest.raises(BundleError, match="missing probe.onnx"):
         gradprobe.load(copy)
 
 
 def test_missing_or_corrupt_manifest(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         gradprobe.load(copy)
@@ -62,24 +49,24 @@ def test_foreign_onnx_file_passed_directly(tmp_path):
 
 
 def test_foreign_onnx_inside_bundle(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     _foreign_onnx(copy / "probe.onnx")
     with pytest.raises(BundleError, match="sha256|bytes"):
         gradprobe.load(copy)
 
 
 def test_foreign_onnx_with_forged_manifest(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     _foreign_onnx(copy / "probe.onnx")
     record = file_record((copy / "probe.onnx").read_bytes()).to_json()
-    _edit_manifest(copy, lambda m: m["files"].update({"probe.onnx": record}))
+    edit_manifest(copy, lambda m: m["files"].update({"probe.onnx": record}))
     with pytest.raises(BundleError, match="not the one its manifest describes"):
         gradprobe.load(copy)
 
 
 def test_newer_schema(bundles, tmp_path):
-    copy = _copy(bundles["plain"], tmp_path)
-    _edit_manifest(copy, lambda m: m.update(schema_version=99))
+    copy = copy_bundle(bundles["plain"], tmp_path)
+    edit_manifest(copy, lambda m: m.update(schema_version=99))
     with pytest.raises(BundleError, match="schema_version 99.*upgrade gradprobe"):
         gradprobe.load(copy)
 
@@ -100,7 +87,7 @@ def test_unknown_provider_and_backend(bundles):
 
 def test_a_probe_is_a_verified_snapshot(bundles, tmp_path, fmnist_test):
     """The graph is read once and checked: replacing the file after load changes nothing the probe runs."""
-    copy = _copy(bundles["plain"], tmp_path)
+    copy = copy_bundle(bundles["plain"], tmp_path)
     probe = gradprobe.load(copy)
     before = probe.run(fmnist_test[0][:2]).logits
     (copy / "probe.onnx").write_bytes(b"garbage")
