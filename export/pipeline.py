@@ -30,9 +30,9 @@ from gradprobe.base.errors import ExportError, InputError
 from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, InputSpec, LayerGrads, Manifest,
                                      ModelInfo, Tap, TensorSpec)
 
-from .backward import check_head
 from .graph import ProbeGraph, trace
 from .layer_grads import plan as layer_plan
+from . import kinks
 from .parity import parity_errors
 from .probe_module import OrderedOutputs, ProbeModule
 from .tensorrt_ops import tensorrt_incompatibilities
@@ -108,16 +108,18 @@ def _eval_mode(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- build
-def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str):
+def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str, hand_rules: bool = True):
     """The probe module, its layer-norm plan and the outputs of one eager run on the example."""
     if confounding not in CONFOUNDING_LOSSES:
         raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
     norms = layer_plan(prepared.model, graph) if layer_grads else None
-    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding).eval()
+    # the backward of every call is planned here: a hand rule, or the generic rule traced now (ExportError
+    # names a call that cannot be differentiated)
+    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding,
+                        example=prepared.normalized()[:4], hand_rules=hand_rules).eval()
     with torch.no_grad():
-        check_head(graph, probe.run_graph(prepared.normalized()))
         example = prepared.example[:2]
-        outputs = probe(example, torch.full((len(example),), -1))  # ExportError names a layer without a rule
+        outputs = probe(example, torch.full((len(example),), -1))
     return probe, norms, outputs
 
 
@@ -188,8 +190,14 @@ def complete_with_kernels(outputs: dict, manifest: Manifest) -> dict:
 
 
 def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
-           contrast: torch.Tensor) -> dict:
-    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE."""
+           contrast: torch.Tensor, model: nn.Module | None = None) -> dict:
+    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE.
+
+    A sample whose network has an activation within ``kinks.MARGIN`` of a kink (a ReLU input within rounding
+    of zero) may get the other one-sided derivative in ONNX Runtime, whose float32 forward rounds differently:
+    its gradient outputs then differ by a finite step. Such samples are excused (and counted), as long as
+    they are at most half of the verification batch.
+    """
     from gradprobe.base.errors import BackendUnavailableError
     from gradprobe.runtime import ProbeEngine, create_backend
 
@@ -205,11 +213,34 @@ def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.T
         engine.close()
     with torch.no_grad():
         expected = complete_with_kernels(probe(images, contrast), manifest)
+    floats = [k for k in expected if expected[k].dtype.kind == "f"]
     errors = parity_errors(got, expected, floor=1e-12, per_output=True)
-    bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and expected[k].dtype.kind == "f"}
+    bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and k in floats}
     if bad:
-        raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad}")
+        failing = set()
+        for name in bad:
+            scale = max(float(np.abs(expected[name]).max(initial=0.0)), 1e-12)
+            per_sample = np.abs(got[name].astype(np.float64) - expected[name]).reshape(len(images), -1).max(axis=1)
+            failing |= set(np.nonzero(per_sample / scale > VERIFY_TOLERANCE)[0].tolist())
+        margins = _kink_margins(model if model is not None else probe.graph_module, probe, images)
+        excused = {i for i in failing if margins[i] < kinks.MARGIN}
+        if failing - excused or len(excused) > len(images) // 2:
+            raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad} "
+                              f"(samples {sorted(failing)}; at a kink: {sorted(excused)})")
+        keep = np.array([i not in excused for i in range(len(images))])
+        errors = parity_errors({k: got[k][keep] for k in expected}, {k: expected[k][keep] for k in expected},
+                               floor=1e-12, per_output=True)
+        errors["samples_at_a_kink"] = float(len(excused))
     return errors
+
+
+def _kink_margins(model: nn.Module, probe: ProbeModule, images: torch.Tensor) -> np.ndarray:
+    try:
+        graph_module = kinks.fine_graph(model)
+    except Exception:  # fall back to the probe's own trace (activations inside leaves unseen)
+        graph_module = probe.graph_module
+    with torch.no_grad():
+        return kinks.kink_margin(graph_module, (images - probe.mean) / probe.std)
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -254,7 +285,7 @@ def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, byt
 
 def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
                   class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
-                  opset: int | None = None) -> Path:
+                  opset: int | None = None, grid: tuple | None = None, hand_rules: bool = True) -> Path:
     """Export ``model`` with its probe graph as a bundle directory at ``path``; returns the path.
 
     ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
@@ -263,12 +294,15 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
     ``normalize``: (mean, std) applied inside the graph (default: ``model.input_normalization``).
     ``layer_grads``: also output ``layer_grad_sqnorm`` [B, P], every parameter tensor's per-sample
     gradient norm for the all-ones ``confounding`` label ("bce" on the logits, or "softmax").
+    ``grid``: (h, w) of a [B, N, D] token target whose last h*w tokens lie on a patch grid (ViT-style layouts
+    are found without it). ``hand_rules=False`` derives every backward with the generic rule (for measuring
+    what the hand rules buy; the graph is the same function).
     Nothing is left behind on failure; an existing bundle at ``path`` is replaced whole.
     """
     prepared = prepare(model, example_input, normalize)
     with _eval_mode(model):
-        graph = trace(model, prepared.normalized(), target_layer)
-        probe, norms, outputs = build(prepared, graph, layer_grads, confounding)
+        graph = trace(model, prepared.normalized(), target_layer, grid)
+        probe, norms, outputs = build(prepared, graph, layer_grads, confounding, hand_rules)
         classes = int(outputs["logits"].shape[1])
         names = [str(n) for n in (class_names if class_names is not None else
                                   getattr(model, "class_names", range(classes)))]
@@ -279,7 +313,7 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
                             WEIGHTS_FILE if weights else None)
         images, contrast = probe_inputs(prepared.example, classes)
         graph_bytes, problems = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast, opset)
-        errors = verify(graph_bytes, manifest, probe, images, contrast)
+        errors = verify(graph_bytes, manifest, probe, images, contrast, model)
     manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
                             "verified_against_torch": errors, "verify_tolerance": VERIFY_TOLERANCE,
                             "tensorrt_problems": problems})
