@@ -114,8 +114,24 @@ def plan(model: nn.Module, graph: ProbeGraph) -> list[ParameterNorm]:
         entry = None
         if node.op == "call_module":
             entry = _closed_form(graph_module.get_submodule(node.target), node, attribute, name)
+        elif _expands_parameter(node, attribute):
+            entry = ParameterNorm(name, node, "expanded", "closed", attribute=attribute)
         entries.append(entry or ParameterNorm(name, node, "generic", "generic", attribute=attribute))
     return entries
+
+
+def _expands_parameter(node: fx.Node, attribute: str) -> bool:
+    """A class token: the parameter itself expanded to the batch (``cls_token.expand(B, -1, -1)``)."""
+    source = node.args[0] if node.args else None
+    return node.op == "call_method" and node.target in ("expand", "expand_as") and isinstance(source, fx.Node) \
+        and source.op == "get_attr" and str(source.target) == attribute
+
+
+def expanded_sqnorm(parameter: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample norm of a parameter broadcast to the batch: each sample's output gradient, summed over the
+    other dimensions the parameter was broadcast along."""
+    dims = tuple(i for i in range(1, parameter.dim()) if parameter.shape[i] == 1 and grad.shape[i] != 1)
+    return _sqsum(grad.sum(dim=dims) if dims else grad)
 
 
 def confounding_logit_grad(logits: torch.Tensor, loss: str) -> torch.Tensor:

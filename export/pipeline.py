@@ -43,6 +43,7 @@ log = logging.getLogger("gradprobe.export")
 #: each output's largest value.
 VERIFY_TOLERANCE = 1e-3
 GRAPH_FILE = "probe.onnx"
+PROTOBUF_LIMIT = 2 ** 31 - 2 ** 26  # 2 GiB less room for the graph itself
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -94,6 +95,10 @@ def prepare(model, example_input, normalize) -> Prepared:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = _example_tensor(example_input)
     mean, std = _normalization(model, normalize, example.shape[1])
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if weights > PROTOBUF_LIMIT:
+        raise ExportError(f"the model's weights take {weights / 2 ** 30:.2f} GiB: one ONNX file (a protobuf) holds "
+                          "at most 2 GiB, and a bundle keeps its graph in one file")
     return Prepared(model, example, mean, std)
 
 

@@ -17,7 +17,7 @@ from .backward import Backward, make_call, where
 from .generic import VJPCache, check_traceable, per_sample_norms
 from .graph import ProbeGraph
 from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
-                          gram_sqnorm)
+                          expanded_sqnorm, gram_sqnorm)
 
 #: What each non-map output means (maps describe themselves through the table).
 MEANINGS = {
@@ -182,6 +182,9 @@ class ProbeModule(nn.Module):
                 continue
             if entry.kind == "unused":
                 columns.append(torch.zeros_like(logits[:, 0]))
+                continue
+            if entry.kind == "expanded":
+                columns.append(expanded_sqnorm(env[entry.node.args[0]], self._grad(grads, entry.node, env)))
                 continue
             x, grad = env[entry.node.args[0]], self._grad(grads, entry.node, env)
             if entry.per_position and entry.kind == "linear_weight":
