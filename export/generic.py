@@ -220,9 +220,9 @@ def trace_batch(values, avoid=()) -> int:
         for leaf in pytree.tree_leaves(value):
             if isinstance(leaf, torch.Tensor):
                 taken.update(int(s) for s in leaf.shape[1:])
-            elif isinstance(leaf, int):
+            elif isinstance(leaf, int) and not isinstance(leaf, bool):
                 taken.add(int(leaf))
-    return next(b for b in (5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
+    return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
 class _EvalBatchNorm(torch.overrides.TorchFunctionMode):
@@ -275,11 +275,25 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
         raise ExportError(f"{where}: cannot derive the {what}: {why}") from error
     finally:
         functorch._set_vmap_fallback_enabled(fallback)
+    _portable(traced)
     leftover = sorted({str(n.target) for n in traced.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})
     if leftover:
         raise ExportError(f"{where}: the {what} needs {leftover}, which no forward op decomposes")
     return traced
+
+
+def _portable(traced: fx.GraphModule) -> None:
+    """Rewrite what decompositions under vmap leave that the ONNX exporter has no translation for:
+    ``empty_permuted`` (an uninitialised buffer, always overwritten) becomes ``zeros`` of the same size."""
+    for node in list(traced.graph.nodes):
+        if node.op == "call_function" and node.target is aten.empty_permuted.default:
+            with traced.graph.inserting_before(node):
+                zeros = traced.graph.call_function(aten.zeros.default, (node.args[0],),
+                                                   {k: v for k, v in node.kwargs.items() if k != "pin_memory"})
+            node.replace_all_uses_with(zeros)
+            traced.graph.erase_node(node)
+    traced.recompile()
 
 
 def _depends_on(traced: fx.GraphModule, placeholders: set) -> bool:
@@ -289,6 +303,12 @@ def _depends_on(traced: fx.GraphModule, placeholders: set) -> bool:
             reached.add(node)
     output = next(n for n in traced.graph.nodes if n.op == "output")
     return any(n in reached for n in pytree.tree_leaves(output.args[0]) if isinstance(n, fx.Node))
+
+
+def _contiguous(values: list) -> list:
+    """The traced graphs were recorded on contiguous tensors and may ``view`` them: a gradient coming out of a
+    permute or transpose rule is made contiguous first (a no-op in ONNX)."""
+    return [v.contiguous() if isinstance(v, torch.Tensor) else v for v in values]
 
 
 class GenericVJP(nn.Module):
@@ -315,7 +335,7 @@ class GenericVJP(nn.Module):
         grads = [by_leaf.get(i) for i in spec.out_grads]
         grads = [g if g is not None else torch.zeros_like(out_leaves[i]) for g, i in zip(grads, spec.out_grads)]
         grads = [g.expand_as(out_leaves[i]) for g, i in zip(grads, spec.out_grads)]
-        results = self.traced(*spec.inputs(call), *grads)
+        results = self.traced(*_contiguous(spec.inputs(call)), *_contiguous(grads))
         results = results if isinstance(results, (list, tuple)) else [results]
         return [(spec.slots[i], g) for i, g in zip(spec.wanted, results)]
 
@@ -359,16 +379,12 @@ class VJPCache:
 
 
 def _example(spec: CallSpec, call: Call):
-    """The call's inputs at a trace batch equal to no other size, and one output for the gradient shapes."""
+    """The call's inputs as saved (the probe module ran the model at a batch size equal to no other size, so
+    symbolic tracing keeps the batch free), and one output for the gradient shapes."""
     state = _state(call.module) if call.module is not None else {}
-    values = [call.values[n] for n in spec.slots]
-    current = _batch_of(call)
-    batch = trace_batch(values + [call.output] + list(state.values()))
-    resized = {n: _resize(call.values[n], current, batch, n in call.batched) for n in spec.slots}
-    example_call = Call(call.node, call.module, call.args, call.kwargs, None, call.inputs, resized, call.batched)
     with torch.no_grad():
-        output = spec.run([resized[n] for n in spec.slots], state)
-    return spec.inputs(example_call), pytree.tree_leaves(output), current
+        output = spec.run([call.values[n] for n in spec.slots], state)
+    return spec.inputs(call), pytree.tree_leaves(output), _batch_of(call)
 
 
 def _trace_vjp(spec: CallSpec, call: Call, where: str) -> fx.GraphModule | None:
@@ -389,20 +405,6 @@ def _batch_of(call: Call) -> int | None:
         if node in call.batched:
             return int(call.values[node].shape[0])
     return None
-
-
-def _resize(value, current, batch, batched):
-    """A batched slot value at the trace batch: tensors re-indexed along dim 0, ints equal to the batch replaced."""
-    if current is None or not batched:
-        return value
-
-    def one(leaf):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == current:
-            return leaf[torch.arange(batch) % current]
-        if isinstance(leaf, int) and not isinstance(leaf, bool) and leaf == current:
-            return batch
-        return leaf
-    return pytree.tree_map(one, value)
 
 
 # --------------------------------------------------------------------------------- per-sample norms
@@ -456,11 +458,11 @@ class GenericNorms(nn.Module):
         grad = grad[0] if isinstance(grad, (list, tuple)) else grad
         grad = grad.expand_as(pytree.tree_leaves(call.output)[spec.out_grads[0]])
         parameters = [_attribute(graph_module, name) for name in self.attributes]
-        return self.traced(*spec.inputs(call), *parameters, grad)
+        return self.traced(*_contiguous(spec.inputs(call)), *parameters, grad.contiguous())
 
 
 def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[str], state_names: list[str],
-                     where: str) -> GenericNorms:
+                     where: str, batch: int) -> GenericNorms:
     """Norms for the get_attr parameters ``attributes`` (read through ``parameter_closure``) and the module
     state entries ``state_names`` of one call, in that column order."""
     spec = CallSpec(graph_module, call, [])
@@ -468,6 +470,9 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
         raise ExportError(f"{where}: per-sample parameter norms need a call with one tensor output")
     batched_slots = [i for i, n in enumerate(spec.slots) if n in call.batched]
     current = _batch_of(call)
+    if current is not None and current != batch:
+        raise ExportError(f"{where}: its input holds {current} rows for {batch} images (samples folded into the "
+                          "batch dimension, e.g. MobileViT's patches); per-sample parameter norms need one row per image")
     if current is None:
         raise ExportError(f"{where}: none of its tensor inputs carries the batch of images (e.g. a class token "
                           "expanded to the batch), so per-sample gradients of its parameters are not supported")

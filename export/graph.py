@@ -511,24 +511,39 @@ class _Retaining(fx.Interpreter):
         return value
 
 
-def _live_maps(graph_module: fx.GraphModule, example: torch.Tensor, candidates, layouts, logits) -> list[fx.Node]:
+def _live_maps(graph_module: fx.GraphModule, example: torch.Tensor, candidates, layouts, logits,
+               on_path: set) -> list[fx.Node]:
     """The candidates whose map receives a gradient from the predicted logit on the example, in order.
 
     A ViT's last blocks reach the logits only through the class token: their patch-token gradients are
     exactly zero and a map there would be empty. One autograd backward through the traced model says so.
+    When no candidate is live, the call where the gradient stops is named (round, sign, a detach...).
     """
-    interpreter = _Retaining(graph_module, set(candidates))
+    interpreter = _Retaining(graph_module, on_path)
     x = example.detach().clone().requires_grad_(True)
     with torch.enable_grad():
         interpreter.run(x)
         z = interpreter.env[logits]
         z.gather(1, z.argmax(1, keepdim=True)).sum().backward()
-    live = []
-    for node in candidates:
-        value = interpreter.env.get(node)
-        grad = getattr(value, "grad", None)
-        if grad is not None and bool(layouts[node].to_map(grad).ne(0).flatten(2).any(1).any(1).any()):
-            live.append(node)
+
+    def nonzero(node) -> bool:
+        grad = getattr(interpreter.env.get(node), "grad", None)
+        return grad is not None and bool(grad.ne(0).any())
+
+    live = [node for node in candidates if nonzero(node) and bool(
+        layouts[node].to_map(interpreter.env[node].grad).ne(0).flatten(2).any(1).any(1).any())]
+    if not live:
+        stops = [node for node in graph_module.graph.nodes if node in on_path and nonzero(node)
+                 and node.op != "placeholder" and not any(nonzero(n) for n in node.all_input_nodes if n in on_path)]
+        graph_module.zero_grad(set_to_none=True)
+        if stops:
+            node = stops[-1]
+            path = module_path(node)
+            raise ExportError(f"the gradient of the logits stops at {describe_node(graph_module, node)}"
+                              f"{f' (module path {path!r})' if path else ''}: its derivative is zero (a piecewise-"
+                              "constant or non-differentiable operation such as round, sign or a detach), so "
+                              "every map before it would be degenerate")
+        return live
     graph_module.zero_grad(set_to_none=True)
     return live
 
@@ -588,7 +603,7 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
             raise ExportError(f"{type(model).__name__} has no activation holding a spatial map larger than 1x1 on "
                               "the path to its logits; gradprobe explains convolutional classifiers and vision "
                               "transformers (pass target_layer and grid=(h, w) for other token layouts)")
-        live = _live_maps(graph_module, example, spatial, layouts, logits)
+        live = _live_maps(graph_module, example, spatial, layouts, logits, on_path)
         if not live:
             raise ExportError(f"no spatial activation of {type(model).__name__} receives a gradient from the "
                               f"predicted logit on the example (candidates: "

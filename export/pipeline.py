@@ -42,6 +42,10 @@ log = logging.getLogger("gradprobe.export")
 #: Largest difference between ONNX Runtime and the eager probe module accepted at export, relative to
 #: each output's largest value.
 VERIFY_TOLERANCE = 1e-3
+#: A sample with an activation within rounding of a kink may get the other one-sided derivative in ONNX
+#: Runtime (see ``kinks``): its gradient outputs may then differ by up to this much (relative to the output's
+#: largest value). Large inputs have such samples nearly always: ResNet-50 at 224x224 moved 1.2 %.
+KINK_TOLERANCE = 5e-2
 GRAPH_FILE = "probe.onnx"
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 26  # 2 GiB less room for the graph itself
 WEIGHTS_FILE = "model.safetensors"
@@ -128,15 +132,16 @@ def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding:
     return probe, norms, outputs
 
 
-def _export_batch(example: torch.Tensor, classes: int) -> int:
+def _export_batch(example: torch.Tensor, classes: int, avoid=()) -> int:
     """An example batch size equal to no other dimension: otherwise the exporter silently fixes the batch."""
-    taken = set(example.shape[1:]) | {classes}
-    return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
+    taken = set(example.shape[1:]) | {classes} | set(avoid)
+    return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61) if b not in taken)
 
 
-def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Export and verification inputs: the examples, cycled and jittered, and every contrast class."""
-    batch = _export_batch(example, classes)
+def probe_inputs(example: torch.Tensor, classes: int, avoid=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export and verification inputs: the examples, cycled and jittered, and every contrast class.
+    ``avoid``: sizes of the probe's activations, which the batch must not equal either."""
+    batch = _export_batch(example, classes, avoid)
     images = example[torch.arange(batch) % example.shape[0]].clone()
     images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
     contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
@@ -200,8 +205,8 @@ def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.T
 
     A sample whose network has an activation within ``kinks.MARGIN`` of a kink (a ReLU input within rounding
     of zero) may get the other one-sided derivative in ONNX Runtime, whose float32 forward rounds differently:
-    its gradient outputs then differ by a finite step. Such samples are excused (and counted), as long as
-    they are at most half of the verification batch.
+    its gradient outputs then differ by a finite step. Such samples are held to ``KINK_TOLERANCE`` instead
+    (counted in the manifest's verification record).
     """
     from gradprobe.base.errors import BackendUnavailableError
     from gradprobe.runtime import ProbeEngine, create_backend
@@ -222,20 +227,25 @@ def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.T
     errors = parity_errors(got, expected, floor=1e-12, per_output=True)
     bad = {k: v for k, v in errors.items() if v > VERIFY_TOLERANCE and k in floats}
     if bad:
-        failing = set()
+        per_sample = {}
         for name in bad:
             scale = max(float(np.abs(expected[name]).max(initial=0.0)), 1e-12)
-            per_sample = np.abs(got[name].astype(np.float64) - expected[name]).reshape(len(images), -1).max(axis=1)
-            failing |= set(np.nonzero(per_sample / scale > VERIFY_TOLERANCE)[0].tolist())
+            difference = np.abs(got[name].astype(np.float64) - expected[name]).reshape(len(images), -1).max(axis=1)
+            per_sample[name] = difference / scale
+        worst = np.max(list(per_sample.values()), axis=0)
         margins = _kink_margins(model if model is not None else probe.graph_module, probe, images)
-        excused = {i for i in failing if margins[i] < kinks.MARGIN}
-        if failing - excused or len(excused) > len(images) // 2:
+        at_kink = margins < kinks.MARGIN
+        wrong = (worst > VERIFY_TOLERANCE) & ~(at_kink & (worst <= KINK_TOLERANCE))
+        if wrong.any():
             raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad} "
-                              f"(samples {sorted(failing)}; at a kink: {sorted(excused)})")
-        keep = np.array([i not in excused for i in range(len(images))])
+                              f"(samples {np.nonzero(wrong)[0].tolist()}; of them at a kink: "
+                              f"{np.nonzero(wrong & at_kink)[0].tolist()})")
+        excused = (worst > VERIFY_TOLERANCE) & at_kink
+        keep = ~excused
         errors = parity_errors({k: got[k][keep] for k in expected}, {k: expected[k][keep] for k in expected},
                                floor=1e-12, per_output=True)
-        errors["samples_at_a_kink"] = float(len(excused))
+        errors["samples_at_a_kink"] = float(excused.sum())
+        errors["worst_at_a_kink"] = float(worst[excused].max(initial=0.0))
     return errors
 
 
@@ -316,7 +326,7 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
         weights = _weights(model, prepared, names)
         manifest = describe(prepared, graph, probe, outputs, norms, confounding, names,
                             WEIGHTS_FILE if weights else None)
-        images, contrast = probe_inputs(prepared.example, classes)
+        images, contrast = probe_inputs(prepared.example, classes, getattr(probe, "activation_sizes", ()))
         graph_bytes, problems = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast, opset)
         errors = verify(graph_bytes, manifest, probe, images, contrast, model)
     manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",

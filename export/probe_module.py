@@ -74,8 +74,7 @@ class ProbeModule(nn.Module):
         self._bias = 1.0 if _linear_bias(graph) is not None else 0.0  # a Linear without bias has no db term
         if example is None:
             raise ValueError("ProbeModule needs example images (normalised) to build its backward pass")
-        with torch.no_grad():
-            env = self.run_graph(example)
+        env = self._example_env(example)
         for node in graph.network_nodes():
             if node.op == "call_module" and node.target in graph.opaque:
                 check_traceable(self.graph_module, make_call(self.graph_module, node, env),
@@ -96,6 +95,19 @@ class ProbeModule(nn.Module):
                               "path: every map or gradient norm behind it would be degenerate"
                               + (f"; also {cache.zero[1:]}" if len(cache.zero) > 1 else ""))
 
+    def _example_env(self, example: torch.Tensor) -> dict:
+        """Every node's value on the example images, cycled to a batch size that no other dimension of any
+        activation equals: the generic rule traces these values with symbolic shapes, and duck sizing would
+        tie the batch to an equal dimension (feasibility.md: then the exporter silently fixes the batch)."""
+        for batch in (7, 11, 13, 17, 19, 23, 29, 31):
+            with torch.no_grad():
+                env = self.run_graph(example[torch.arange(batch) % len(example)])
+            taken = {int(size) for value in env.values() if isinstance(value, torch.Tensor) for size in value.shape[1:]}
+            if batch not in taken:
+                self.example_batch, self.activation_sizes = batch, frozenset(taken)
+                return env
+        raise ExportError("every candidate batch size (7..31) is also a dimension of some activation")
+
     def _plan_generic_norms(self, env: dict) -> None:
         groups: dict = {}
         for entry in self.layer_norms:
@@ -106,7 +118,7 @@ class ProbeModule(nn.Module):
             attributes = [e.attribute for e in entries if node.op != "call_module"]
             state = [e.attribute for e in entries if node.op == "call_module"]
             self.norms[node.name] = per_sample_norms(self.graph_module, call, attributes, state,
-                                                     where(self.graph_module, node))
+                                                     where(self.graph_module, node), self.example_batch)
 
     def output_specs(self, outputs: dict) -> list[TensorSpec]:
         """Name, dtype, shape (batch named B) and meaning of every output, from one forward's ``outputs``."""

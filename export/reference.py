@@ -32,7 +32,8 @@ class ResearchReference:
     """Per-sample autograd reference for a model, its target layer and its last Linear."""
 
     def __init__(self, model: nn.Module, target_layer: str, linear: str, normalize=None,
-                 maps=explanation_maps.MAPS, layout=None):
+                 maps=explanation_maps.MAPS, layout=None, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype  # float64 (with a float64 model) where float32 autograd is itself too noisy
         self.model = model.eval()
         self.target = model.get_submodule(target_layer)
         self.linear = model.get_submodule(linear)
@@ -84,7 +85,7 @@ class ResearchReference:
 
     def run(self, images: np.ndarray, contrast=None) -> dict[str, np.ndarray]:
         """The probe outputs (same names as the ONNX graph) for every image, one at a time."""
-        x_all = _normalized(images, self.normalize)
+        x_all = _normalized(images, self.normalize).to(self.dtype)
         rows = []
         for index in range(len(x_all)):
             logits, activation, features = self._forward(x_all[index:index + 1])

@@ -21,14 +21,14 @@ from .backward import Call, _pair, register
 # ------------------------------------------------------------------------------------------ helpers
 def unbroadcast(grad: torch.Tensor, like, batched: bool) -> torch.Tensor | None:
     """``grad`` summed down to the shape of a broadcast operand ``like``. The batch dimension of a batched
-    operand is never summed: only static sizes are compared, so the exported batch stays symbolic."""
+    operand is never summed, and only the operand's static sizes are read (summing a size-1 dimension is a
+    no-op): comparing the symbolic batch with 1 would make the exporter fix the batch size."""
     if not isinstance(like, torch.Tensor):
         return None
     extra = grad.dim() - like.dim()
     if extra > 0:
         grad = grad.sum(dim=tuple(range(extra)))
-    dims = tuple(i for i in range(like.dim()) if not (i == 0 and batched) and like.shape[i] == 1
-                 and grad.shape[i] != 1)
+    dims = tuple(i for i in range(like.dim()) if not (i == 0 and batched) and like.shape[i] == 1)
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 

@@ -10,6 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradprobe
@@ -93,3 +94,50 @@ def test_a_real_mismatch_is_not_excused(at_a_kink):
     wrong = references[1] * 1.01
     verdict = check_sqnorms(model, torch.from_numpy(image), wrong, references, names)
     assert verdict["error"] > RELATIVE
+
+
+class PoolAfterConv(nn.Module):
+    """A 3x3 conv then an overlapping max-pool: a near-tie of two conv outputs with different patches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(2, 4, 3)
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.fc.weight.mul_(20)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.gap(self.relu(self.conv2(self.pool(self.conv1(x)))))))
+
+
+def test_max_pool_near_tie_is_a_kink_too():
+    """The two largest conv outputs of a pooling window 1e-7 apart (one image pixel moved to make it so):
+    engines may route the gradient to either; the oracle accepts both."""
+    torch.manual_seed(0)
+    model = PoolAfterConv().eval()
+    with torch.no_grad():  # channel 0 is close to the identity: a pixel sets its output
+        model.conv1.weight[0, 0].mul_(0.1)
+        model.conv1.weight[0, 0, 1, 1] += 1.0
+    weight, bias = model.conv1.weight.double().detach(), model.conv1.bias.double().detach()
+    image = 0.5 * torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(2)).double()
+    image[0, 0, 2, 2] = 3.0
+    for _ in range(20):  # conv outputs (2, 2) and (2, 3), both in pool window (1, 1), made 1e-7 apart
+        out = F.conv2d(image, weight, bias, padding=1)[0, 0]
+        image[0, 0, 2, 3] += (float(out[2, 2]) - 1e-7 - float(out[2, 3])) / float(weight[0, 0, 1, 1])
+    image = image.float()
+    names = [n for n, _ in model.named_parameters()]
+    graph_module = fine_graph(copy.deepcopy(model).double())
+    kinks = near_kinks(graph_module, image.double())
+    assert [node.name for node, _, _, _ in kinks] == ["pool"]
+    below, above = (sided_sqnorms(graph_module, image.double(), names, kinks, (side,))[None] for side in (-1.0, 1.0))
+    floor = ABSOLUTE_FLOOR / RELATIVE
+    assert (np.abs(below - above) / np.maximum(np.abs(above), floor)).max() > 3 * RELATIVE
+    references = [vmap_sqnorms(model, image.numpy(), IDENTITY, names, dtype=dtype)
+                  for dtype in (torch.float32, torch.float64)]
+    for ours in (below, above):
+        assert check_sqnorms(model, image, ours, references, names)["error"] <= RELATIVE

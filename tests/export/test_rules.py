@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gradprobe.export import rules  # noqa: F401  (registers the rules)
-from gradprobe.export.backward import RULES, Rule, Registry, make_call, supported_operations
+from gradprobe.export.backward import RULES, Rule, Registry, supported_operations
 from gradprobe.export.generic import VJPCache
 
 ROOT = Path(__file__).resolve().parents[2]
