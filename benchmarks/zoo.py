@@ -238,6 +238,13 @@ def check(name: str, workdir: Path) -> dict:
             per_sample.append(difference / np.maximum(peak, 1e-12))
         map_errors[spec.name] = float(np.min(per_sample, axis=0).max())
         map_errors[spec.name + "_vs_float64"] = float(per_sample[1].max())
+    # what float32 autograd itself is off by (its error against float64): the precision a float32 graph can have
+    row["float32_reference_map_errors"] = {}
+    for spec in section.maps:
+        exact, single = references[1][spec.name], references[0][spec.name]
+        peak = np.abs(exact).reshape(len(images), -1).max(axis=1)
+        difference = np.abs(single - exact).reshape(len(images), -1).max(axis=1)
+        row["float32_reference_map_errors"][spec.name] = float((difference / np.maximum(peak, 1e-12)).max())
     row["map_errors"] = {k: v for k, v in map_errors.items() if not k.endswith("_vs_float64")}
     row["map_errors_vs_float64"] = {k[:-len("_vs_float64")]: v for k, v in map_errors.items()
                                     if k.endswith("_vs_float64")}
@@ -247,11 +254,13 @@ def check(name: str, workdir: Path) -> dict:
     peak = ours.cam.reshape(len(images), -1).max(axis=1)
     typical = np.median(peak[peak > 0]) if (peak > 0).any() else 0.0
     tiny = peak < 0.05 * typical
-    errors = []
+    errors, peers = [], []
     for net, dtype in ((hooked, torch.float32), (hooked64, torch.float64)):
-        peer = gradcam_peer(net, hook_name, graph.layout, torch.from_numpy(images).to(dtype), size)
-        errors.append(np.abs(explained.cam - peer).reshape(len(images), -1).max(axis=1))
+        peers.append(gradcam_peer(net, hook_name, graph.layout, torch.from_numpy(images).to(dtype), size))
+        errors.append(np.abs(explained.cam - peers[-1]).reshape(len(images), -1).max(axis=1))
     error = np.min(errors, axis=0)
+    row["float32_peer_gradcam_error"] = float(np.abs(peers[0] - peers[1]).reshape(len(images), -1)
+                                              .max(axis=1)[~tiny].max(initial=0.0))
     row["gradcam_error"] = float(error[~tiny].max(initial=0.0))
     row["gradcam_error_vs_float64"] = float(errors[1][~tiny].max(initial=0.0))
     row["gradcam_near_empty"] = int(tiny.sum())
@@ -317,6 +326,22 @@ def _size_order(models: list[str]) -> list[str]:
                 model, _ = _build_only(name)
                 counts[name] = sum(p.numel() for p in model.parameters())
     return sorted(models, key=lambda n: counts[n])
+
+
+def requeue(results: Path, patterns: list[str]) -> None:
+    """Drop the rows whose error (or failed check) matches a pattern, so that the next run redoes them."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "gradprobe-zoo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(results.read_text())
+        dropped = [name for name, row in done.items()
+                   if any(p in row.get("error", "") or (p == "mismatch" and row.get("export") and not row.get("ok"))
+                          for p in patterns)]
+        for name in dropped:
+            done.pop(name)
+        results.write_text(json.dumps(done, indent=1, sort_keys=True))
+    print("requeued", dropped)
 
 
 def run(models: list[str], results: Path, timeout: int, worker: int = 0, workers: int = 1) -> None:
@@ -403,11 +428,16 @@ def main(argv=None) -> None:
     one_parser = commands.add_parser("one")
     one_parser.add_argument("name")
     one_parser.add_argument("out", type=Path)
+    requeue_parser = commands.add_parser("requeue")
+    requeue_parser.add_argument("patterns", nargs="+", help="substrings of errors; 'mismatch' for failed checks")
+    requeue_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
     table_parser = commands.add_parser("table")
     table_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
     args = parser.parse_args(argv)
     if args.command == "one":
         one(args.name, args.out)
+    elif args.command == "requeue":
+        requeue(args.results, args.patterns)
     elif args.command == "run":
         run(args.only or all_models(), args.results, args.timeout, args.worker, args.workers)
     else:
