@@ -15,9 +15,9 @@ $(PEERS_STAMP): benchmarks/peers.mk
 	test -x $(PEERS_VENV)/bin/python || $(PEERS_PY) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install torch==2.14.1 torchvision==0.29.1
 	$(PEERS_VENV)/bin/pip install grad-cam pytorch-ood captum onnx==1.23.2 onnxruntime==1.32.0 onnxscript==0.7.2 \
-		safetensors tqdm scikit-learn
+		safetensors tqdm scikit-learn timm==1.0.31
 	$(PEERS_VENV)/bin/pip install --no-deps -e .
-	$(PEERS_VENV)/bin/python -c "import torchvision, pytorch_grad_cam, pytorch_ood, captum, gradprobe"
+	$(PEERS_VENV)/bin/python -c "import torchvision, timm, pytorch_grad_cam, pytorch_ood, captum, gradprobe"
 	touch $@
 
 bench: peers

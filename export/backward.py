@@ -1,177 +1,317 @@
-"""Backward rules written as ordinary forward ops, so the exported graph needs no autograd.
+"""The backward pass of a traced classifier as ordinary forward ops: a registry of rules, and the engine.
 
-Each rule maps the gradient of a layer's output to the gradient of its input (a vector-Jacobian
-product) for eval mode: BatchNorm uses its running statistics and Dropout is the identity. The
-rules only ever see one batch of independent samples, so the batched backward of per-sample
-cotangents gives every sample's own activation gradient.
+Each rule maps the gradient of a call's output to the gradients of its inputs (a vector-Jacobian
+product) for eval mode: BatchNorm uses its running statistics and Dropout is the identity. The rules only
+ever see one batch of independent samples, so the batched backward of per-sample cotangents gives every
+sample's own activation gradient.
+
+Rules are registered objects keyed by module type, function and method name, so one rule serves
+``nn.ReLU``, ``F.relu``, ``torch.relu`` and ``x.relu()`` (``register`` below; the rules live in
+``rules.py``). A call no rule accepts gets the generic rule (``generic.py``): its vector-Jacobian product
+is derived by autograd and traced into aten forward ops at export, so every differentiable call exports.
+Hand rules are the fast paths (and the ones TensorRT's parser is sure to take); ``supported_operations``
+lists them for errors and the README.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from gradprobe.base.errors import ExportError
 
-from .graph import ProbeGraph
-
-_IDENTITY_MODULES = (nn.Dropout, nn.Identity)
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-SUPPORTED = ("Linear, Conv2d (zero padding, any stride/dilation/groups), ReLU, ReLU6, Dropout, Identity, "
-             "Flatten, BatchNorm1d/2d (eval), MaxPool2d and AvgPool2d with kernel == stride, "
-             "AdaptiveAvgPool2d(1), torch.flatten / view / reshape, F.relu, residual add")
+from .graph import ProbeGraph, describe_node, module_path
 
 
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def _conv_backward(module: nn.Conv2d, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor):
-    """dL/dx of a convolution is the transposed convolution of dL/dy with the same weights."""
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        return None
-    stride, padding, dilation = _pair(module.stride), _pair(module.padding), _pair(module.dilation)
-    kernel = module.weight.shape[2:]
-    if stride == (1, 1) and all(dilation[i] * (kernel[i] - 1) >= padding[i] for i in (0, 1)):
-        # the same as a plain convolution with the kernel flipped and in/out swapped (per group), which
-        # ONNX Runtime runs about 4x faster than ConvTranspose (73 ms of 145 in the deep ResNet graph)
-        groups, outputs, inputs = module.groups, module.weight.shape[0], module.weight.shape[1]
-        flipped = module.weight.reshape(groups, outputs // groups, inputs, *kernel).transpose(1, 2)
-        flipped = flipped.reshape(groups * inputs, outputs // groups, *kernel).flip(-1, -2)
-        pad = [dilation[i] * (kernel[i] - 1) - padding[i] for i in (0, 1)]
-        return F.conv2d(grad, flipped, None, 1, pad, dilation, groups)
-    output_padding = [x.shape[2 + i] - ((y.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
-                                        + dilation[i] * (kernel[i] - 1) + 1) for i in (0, 1)]
-    return F.conv_transpose2d(grad, module.weight, None, stride, padding, output_padding, module.groups, dilation)
+@dataclass
+class Call:
+    """One traced call as a rule sees it: the module (or None), arguments with node values filled in, output."""
+
+    node: fx.Node
+    module: nn.Module | None
+    args: tuple
+    kwargs: dict
+    output: Any
+    inputs: list        # the tensor-valued input nodes, in order of first appearance
+    values: dict        # input node -> value
+    batched: set = frozenset()  # nodes that carry the batch of images
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The first tensor argument (the input of a layer, ``self`` of a method)."""
+        return self.values[self.inputs[0]]
+
+    def option(self, name: str, index: int | None = None, default=None):
+        """A setting read the same way for a module (its attribute), a function (keyword or position) and a
+        method (keyword or position, ``self`` at 0)."""
+        if self.module is not None:
+            return getattr(self.module, name, default)
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if index is not None and index < len(self.args):
+            return self.args[index]
+        return default
+
+    def value(self, node) -> Any:
+        return self.values[node] if isinstance(node, fx.Node) else node
 
 
-def _window_backward(module, x: torch.Tensor, grad: torch.Tensor):
-    """Max/avg pooling with non-overlapping windows (kernel == stride, no padding).
+@dataclass(frozen=True)
+class Rule:
+    """A hand-written backward for a set of modules, functions and methods.
 
-    Max-pool routes the gradient to the first maximum of each window (an equality mask with the
-    same tie-break as PyTorch's kernel), without the indices output that TensorRT rejects.
+    ``backward(call, grad)`` returns the gradient of ``call.inputs[0]``, or a dict {input node: gradient}.
+    ``accepts(call)`` says whether this configuration is covered (else the generic rule takes it).
     """
-    kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
-    if kernel != stride or _pair(module.padding) != (0, 0) or module.ceil_mode or \
-            getattr(module, "divisor_override", None) or \
-            (isinstance(module, nn.MaxPool2d) and _pair(module.dilation) != (1, 1)):
+
+    name: str
+    backward: Callable
+    modules: tuple = ()
+    functions: tuple = ()
+    methods: tuple = ()
+    accepts: Callable | None = None
+    note: str = ""
+
+
+@dataclass
+class Registry:
+    """Rules keyed by module type (exact type, or a subclass that keeps the base class's forward), function
+    object and method name."""
+
+    rules: list = field(default_factory=list)
+    by_module: dict = field(default_factory=dict)
+    by_function: dict = field(default_factory=dict)
+    by_method: dict = field(default_factory=dict)
+
+    def add(self, rule: Rule) -> Rule:
+        for key, table in ((rule.modules, self.by_module), (rule.functions, self.by_function),
+                           (rule.methods, self.by_method)):
+            for item in key:
+                if item in table:
+                    raise ValueError(f"{item!r} already has the backward rule {table[item].name!r}")
+                table[item] = rule
+        self.rules.append(rule)
+        return rule
+
+    def find(self, node: fx.Node, module: nn.Module | None) -> Rule | None:
+        if node.op == "call_module":
+            for base in type(module).__mro__:
+                rule = self.by_module.get(base)
+                if rule is not None:
+                    # a subclass that rewrites forward (timm's Conv2dSame, BatchNormAct2d) is not the base layer
+                    return rule if type(module).forward is base.forward else None
+            return None
+        if node.op == "call_function":
+            try:
+                return self.by_function.get(node.target)
+            except TypeError:  # unhashable target
+                return None
+        if node.op == "call_method":
+            return self.by_method.get(node.target)
         return None
-    (kh, kw), channels = kernel, x.shape[1]
-    rows, cols = x.shape[2] // kh, x.shape[3] // kw
-    windows = x[:, :, :rows * kh, :cols * kw].reshape(-1, channels, rows, kh, cols, kw)
-    windows = windows.permute(0, 1, 2, 4, 3, 5).reshape(-1, channels, rows, cols, kh * kw)
-    if isinstance(module, nn.MaxPool2d):
-        first = windows.argmax(dim=-1, keepdim=True)
-        spread = (torch.arange(kh * kw, device=x.device) == first).to(grad.dtype) * grad[..., None]
-    else:
-        spread = grad[..., None].expand(-1, -1, -1, -1, kh * kw) / float(kh * kw)
-    spread = spread.reshape(-1, channels, rows, cols, kh, kw).permute(0, 1, 2, 4, 3, 5)
-    spread = spread.reshape(-1, channels, rows * kh, cols * kw)
-    return F.pad(spread, (0, x.shape[3] - cols * kw, 0, x.shape[2] - rows * kh))
 
 
-def _relu_backward(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    # a multiply by the 0/1 mask: ONNX Runtime's Where took 46 of 194 ms in the deep ResNet graph
-    return grad * (output > 0).to(grad.dtype)
+RULES = Registry()
 
 
-def _batchnorm_backward(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, grad: torch.Tensor):
-    scale = torch.rsqrt(module.running_var + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight
-    return grad * scale.reshape((1, -1) + (1,) * (x.dim() - 2))
+def register(name: str, *, modules=(), functions=(), methods=(), accepts=None, note: str = ""):
+    """Decorator: register ``backward(call, grad)`` as the rule for these modules, functions and methods."""
+    def decorate(backward):
+        RULES.add(Rule(name, backward, tuple(modules), tuple(functions), tuple(methods), accepts, note))
+        return backward
+    return decorate
 
 
-def _module_rule(module: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor):
-    """Gradient of the module's input, or None when no rule covers the module."""
-    if isinstance(module, nn.Linear):
-        return grad @ module.weight
-    if isinstance(module, nn.Conv2d):
-        return _conv_backward(module, x, y, grad)
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        return _window_backward(module, x, grad)
-    if isinstance(module, nn.ReLU6):
-        return grad * ((x > 0) & (x < 6)).to(grad.dtype)
-    if isinstance(module, nn.ReLU):
-        return _relu_backward(y, grad)
-    if isinstance(module, _IDENTITY_MODULES):
-        return grad
-    if isinstance(module, nn.Flatten):
-        return grad.reshape((-1,) + tuple(x.shape[1:]))
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_var is not None:
-        return _batchnorm_backward(module, x, grad)
-    if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
-        # left broadcastable [B, K, 1, 1]: ``backprop`` expands it only where a rule needs the full map
-        return grad / float(x.shape[2] * x.shape[3])
-    return None
+def supported_operations(markdown: bool = False) -> str:
+    """The operations with a hand-written backward rule, generated from the registry."""
+    from . import rules  # noqa: F401  (registers the rules)
+
+    lines = []
+    for rule in RULES.rules:
+        forms = [t.__name__ for t in rule.modules]
+        forms += [_function_name(f) for f in rule.functions]
+        forms += [f".{m}()" for m in rule.methods]
+        note = f" ({rule.note})" if rule.note else ""
+        lines.append(f"{rule.name}{note}: {', '.join(forms)}")
+    if markdown:
+        return "\n".join(f"- {line}" for line in lines)
+    return "; ".join(lines)
 
 
-def _input_grads(graph: ProbeGraph, node: fx.Node, env: dict, grad: torch.Tensor, needed: set):
-    """[(input node, gradient)] for the inputs in ``needed``; ExportError when the node has no rule."""
-    if node.op == "call_module":
-        module = graph.module.get_submodule(node.target)
-        x_node = node.args[0]
-        if x_node not in needed:  # e.g. the first conv: the image gradient is never used
+def _function_name(function) -> str:
+    import torch.nn.functional as F
+
+    name = getattr(function, "__name__", repr(function))
+    if getattr(function, "__module__", "") == "_operator":
+        return f"operator.{name}"
+    if getattr(F, name, None) is function:
+        return f"F.{name}"
+    return f"torch.{name}" if getattr(torch, name, None) is function else name
+
+
+# --------------------------------------------------------------------------------------------- calls
+def tensor_inputs(node: fx.Node, env: dict) -> list[fx.Node]:
+    seen = []
+    for arg in node.all_input_nodes:
+        if isinstance(env.get(arg), torch.Tensor) and arg not in seen:
+            seen.append(arg)
+    return seen
+
+
+def make_call(graph_module: fx.GraphModule, node: fx.Node, env: dict) -> Call:
+    module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    inputs = tensor_inputs(node, env)
+    return Call(node, module, args, kwargs, env[node], inputs, {n: env[n] for n in node.all_input_nodes},
+                getattr(graph_module, "gradprobe_batched", frozenset()))
+
+
+def where(graph_module: fx.GraphModule, node: fx.Node) -> str:
+    path = module_path(node)
+    return f"{describe_node(graph_module, node)}" + (f" (module path {path!r})" if path and node.op != "call_module"
+                                                     else "")
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@dataclass
+class Step:
+    node: fx.Node
+    rule: Rule | None = None          # a hand rule, or None for the generic one
+    generic: str | None = None        # key of the generic VJP module
+    tuple_item: bool = False          # getitem of a tuple output: the gradient goes to that item
+
+
+class Backward(nn.Module):
+    """The backward pass over a set of traced nodes: one step per node, a hand rule or a generic VJP.
+
+    Built once at export with the activations of an example run (``env``); ``run`` is called inside the
+    probe module's forward, so everything it does is exported as forward ops.
+    """
+
+    def __init__(self, graph: ProbeGraph, env: dict, nodes: list[fx.Node], needed: set, use_hand_rules: bool = True,
+                 cache=None):
+        super().__init__()
+        from . import generic, rules  # noqa: F401  (rules registers the hand rules)
+
+        self.graph_ref = [graph]  # not a submodule: the probe module owns the traced model
+        self.steps: dict[fx.Node, Step] = {}
+        self.vjps = nn.ModuleDict()
+        self.derived = cache if cache is not None else generic.VJPCache()
+        for node in nodes:
+            self.steps[node] = self._plan(node, env, needed, use_hand_rules)
+
+    @property
+    def graph(self) -> ProbeGraph:
+        return self.graph_ref[0]
+
+    def _plan(self, node: fx.Node, env: dict, needed: set, use_hand_rules: bool) -> Step:
+        graph_module = self.graph.module
+        if not _carries_gradient(env.get(node)):  # sizes, shapes, masks, indices: nothing flows back
+            return Step(node)
+        if node.op == "call_function" and node.target is operator.getitem and \
+                isinstance(env.get(node.args[0]), (tuple, list)):
+            return Step(node, tuple_item=True)
+        call = make_call(graph_module, node, env)
+        # integer and boolean inputs (masks from comparisons, indices) get no gradient, as in autograd
+        wanted = [n for n in call.inputs if n in needed and env[n].is_floating_point()]
+        if not wanted:
+            return Step(node)
+        rule = RULES.find(node, call.module) if use_hand_rules else None
+        if rule is not None and (rule.accepts is None or rule.accepts(call)):
+            return Step(node, rule=rule)
+        key = self.derived.vjp(graph_module, call, wanted, where(graph_module, node), self.vjps)
+        return Step(node, generic=key)
+
+    def input_grads(self, node: fx.Node, env: dict, grad) -> list:
+        """[(input node, gradient)] of one node for its output gradient ``grad``."""
+        step = self.steps[node]
+        if step.tuple_item:
+            return [(node.args[0], ("item", node.args[1], grad))]
+        if step.rule is None and step.generic is None:
             return []
-        result = _module_rule(module, env[x_node], env[node], grad)
-        if result is not None:
-            return [(x_node, result)]
-        what = f"layer {node.target!r} ({type(module).__name__})"
-    elif node.op == "call_function" and node.target in (F.relu, torch.relu):
-        return [(node.args[0], _relu_backward(env[node], grad))]
-    elif node.op == "call_function" and node.target is torch.flatten:
-        x_node = node.args[0]
-        return [(x_node, grad.reshape((-1,) + tuple(env[x_node].shape[1:])))]
-    elif node.op == "call_method" and node.target in _RESHAPE_METHODS:
-        x_node = node.args[0]
-        return [(x_node, grad.reshape((-1,) + tuple(env[x_node].shape[1:])))]
-    elif node.op == "call_method" and node.target == "relu":
-        return [(node.args[0], _relu_backward(env[node], grad))]
-    elif node.op == "call_function" and node.target in (operator.add, torch.add) and not node.kwargs:
-        tensors = [arg for arg in node.args if isinstance(arg, fx.Node)]
-        if all(tuple(env[arg].shape) == tuple(env[node].shape) for arg in tensors):
-            return [(arg, grad) for arg in tensors]
-        what = f"broadcasting add {node.name!r}"
-    else:
-        what = f"operation {node.name!r} ({getattr(node.target, '__name__', node.target)})"
-    raise ExportError(f"{what} lies between the layer to differentiate and the logits, and gradprobe has no "
-                      f"backward rule for it. Supported: {SUPPORTED}. Pick a later target_layer or replace the layer.")
+        call = make_call(self.graph.module, node, env)
+        if step.rule is not None:
+            result = step.rule.backward(call, grad)
+            if isinstance(result, dict):
+                return list(result.items())
+            return [(call.inputs[0], result)]
+        return self.vjps[step.generic].apply(call, grad)
 
+    def run(self, env: dict, grad_logits: torch.Tensor, nodes: list[fx.Node], keep=(), broadcastable=()) -> dict:
+        """Gradients of every node in ``keep`` for per-sample logit cotangents ``grad_logits``, running the
+        steps over ``nodes`` (execution order) in reverse.
 
-def backprop(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor, nodes: list[fx.Node],
-             keep=(), broadcastable=()) -> dict:
-    """Gradients of every node in ``keep`` for per-sample logit cotangents ``grad_logits``, running the
-    rules over ``nodes`` (execution order) in reverse.
-
-    Nodes in ``broadcastable`` may receive a gradient that only broadcasts to their shape (the spatial
-    mean is all Grad-CAM reads; expanding a [B, K, 1, 1] pooling gradient cost 1 ms of a 19 ms call).
-    """
-    needed = set(nodes) | set(keep)
-    grads = {graph.logits: grad_logits}
-    kept = {}
-    for node in reversed(nodes):
-        grad = grads.pop(node)
-        if node in keep:
-            kept[node] = grad
-        for input_node, input_grad in _input_grads(graph, node, env, grad, needed):
-            if input_node not in needed:
+        Nodes in ``broadcastable`` may receive a gradient that only broadcasts to their shape (the spatial
+        mean is all Grad-CAM reads; expanding a [B, K, 1, 1] pooling gradient cost 1 ms of a 19 ms call).
+        """
+        needed = set(nodes) | set(keep)
+        grads = {self.graph.logits: grad_logits}
+        kept = {}
+        for node in reversed(nodes):
+            if node not in grads:
                 continue
-            shape = tuple(env[input_node].shape[1:])
-            if input_node not in broadcastable and tuple(input_grad.shape[1:]) != shape:
-                input_grad = input_grad.expand((-1,) + shape)
-            grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
-    kept.update({node: grad for node, grad in grads.items() if node in keep})
-    return kept
+            grad = grads.pop(node)
+            if isinstance(grad, dict):  # a tuple output: one gradient per item used, zeros elsewhere
+                grad = [grad.get(i) for i in range(len(env[node]))]
+            if node in keep:
+                kept[node] = grad
+            for input_node, input_grad in self.input_grads(node, env, grad):
+                if input_node not in needed or input_grad is None or not _differentiable(env[input_node]):
+                    continue
+                if isinstance(input_grad, tuple) and input_grad and input_grad[0] == "item":
+                    _, index, item_grad = input_grad
+                    items = grads.setdefault(input_node, {})
+                    items[index] = item_grad if index not in items else items[index] + item_grad
+                    continue
+                shape = tuple(env[input_node].shape[1:])
+                if input_node not in broadcastable and tuple(input_grad.shape[1:]) != shape:
+                    input_grad = input_grad.expand((-1,) + shape)
+                grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
+        kept.update({node: grad for node, grad in grads.items() if node in keep})
+        return kept
 
 
-def check_head(graph: ProbeGraph, env: dict) -> None:
-    """Raise ExportError now, naming the layer, if any head node lacks a backward rule."""
-    backprop_to_target(graph, env, torch.zeros_like(env[graph.logits]))
+def _carries_gradient(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_carries_gradient(item) for item in value)
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-def backprop_to_target(graph: ProbeGraph, env: dict, grad_logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradient of the target activation for per-sample logit cotangents ``grad_logits``."""
-    return backprop(graph, env, grad_logits, graph.head_nodes(), keep={graph.target},
-                    broadcastable={graph.target})[graph.target]
+def _differentiable(value) -> bool:
+    return isinstance(value, (tuple, list)) or (isinstance(value, torch.Tensor) and value.is_floating_point())
+
+
+def no_rule_error(graph_module: fx.GraphModule, node: fx.Node, why: str) -> ExportError:
+    return ExportError(f"{where(graph_module, node)} lies between the layer to differentiate and the logits, and "
+                       f"its backward cannot be built: {why}. Hand rules exist for: {supported_operations()}; "
+                       "any other differentiable call gets a generic rule derived by autograd.")
+
+
+def update_readme(path) -> bool:
+    """Rewrite the generated rule list between ``<!-- rules:begin -->`` and ``<!-- rules:end -->``; True if changed."""
+    import re
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    block = f"<!-- rules:begin -->\n{supported_operations(markdown=True)}\n<!-- rules:end -->"
+    updated = re.sub(r"<!-- rules:begin -->\n(?:.*?\n)?<!-- rules:end -->", lambda _: block, text, flags=re.S)
+    if updated != text:
+        path.write_text(updated)
+    return updated != text
+
+
+if __name__ == "__main__":  # python -m gradprobe.export.backward README.md
+    import sys
+
+    from gradprobe.export.backward import update_readme as update  # the package's registry, not __main__'s
+
+    print("updated" if update(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")

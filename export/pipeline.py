@@ -30,10 +30,10 @@ from gradprobe.base.errors import ExportError, InputError
 from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
                                      LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
-from .backward import check_head
 from .contrastive import variants_of
 from .graph import ProbeGraph, trace
 from .layer_grads import plan as layer_plan
+from . import kinks
 from .parity import parity_errors
 from .probe_module import OrderedOutputs, ProbeModule
 from .tensorrt_ops import tensorrt_incompatibilities
@@ -43,7 +43,12 @@ log = logging.getLogger("gradprobe.export")
 #: Largest difference between ONNX Runtime and the eager probe module accepted at export, relative to
 #: each output's largest value.
 VERIFY_TOLERANCE = 1e-3
+#: A sample with an activation within rounding of a kink may get the other one-sided derivative in ONNX
+#: Runtime (see ``kinks``): its gradient outputs may then differ by up to this much (relative to the output's
+#: largest value). Large inputs have such samples nearly always: ResNet-50 at 224x224 moved 1.2 %.
+KINK_TOLERANCE = 5e-2
 GRAPH_FILE = "probe.onnx"
+PROTOBUF_LIMIT = 2 ** 31 - 2 ** 26  # 2 GiB less room for the graph itself
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -95,6 +100,10 @@ def prepare(model, example_input, normalize) -> Prepared:
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     example = _example_tensor(example_input)
     mean, std = _normalization(model, normalize, example.shape[1])
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if weights > PROTOBUF_LIMIT:
+        raise ExportError(f"the model's weights take {weights / 2 ** 30:.2f} GiB: one ONNX file (a protobuf) holds "
+                          "at most 2 GiB, and a bundle keeps its graph in one file")
     return Prepared(model, example, mean, std)
 
 
@@ -109,28 +118,32 @@ def _eval_mode(model: nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- build
-def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str, contrastive: tuple = ()):
+def build(prepared: Prepared, graph: ProbeGraph, layer_grads: bool, confounding: str, contrastive: tuple = (),
+          hand_rules: bool = True):
     """The probe module, its layer-norm plan and the outputs of one eager run on the example."""
     if confounding not in CONFOUNDING_LOSSES:
         raise InputError(f"confounding must be one of {CONFOUNDING_LOSSES}, got {confounding!r}")
     norms = layer_plan(prepared.model, graph) if layer_grads else None
-    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding, contrastive=contrastive).eval()
+    # the backward of every call is planned here: a hand rule, or the generic rule traced now (ExportError
+    # names a call that cannot be differentiated)
+    probe = ProbeModule(graph, prepared.mean, prepared.std, norms, confounding, contrastive=contrastive,
+                        example=prepared.normalized()[:4], hand_rules=hand_rules).eval()
     with torch.no_grad():
-        check_head(graph, probe.run_graph(prepared.normalized()))
         example = prepared.example[:2]
-        outputs = probe(example, torch.full((len(example),), -1))  # ExportError names a layer without a rule
+        outputs = probe(example, torch.full((len(example),), -1))
     return probe, norms, outputs
 
 
 def export_batch(example: torch.Tensor, *other_dims: int) -> int:
     """An example batch size equal to no other dimension: otherwise the exporter silently fixes the batch."""
     taken = set(example.shape[1:]) | set(other_dims)
-    return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43) if b not in taken)
+    return next(b for b in (17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61) if b not in taken)
 
 
-def probe_inputs(example: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Export and verification inputs: the examples, cycled and jittered, and every contrast class."""
-    batch = export_batch(example, classes)
+def probe_inputs(example: torch.Tensor, classes: int, avoid=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Export and verification inputs: the examples, cycled and jittered, and every contrast class.
+    ``avoid``: sizes of the probe's activations, which the batch must not equal either."""
+    batch = export_batch(example, classes, *avoid)
     images = example[torch.arange(batch) % example.shape[0]].clone()
     images += 0.01 * torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
     contrast = torch.arange(batch) % (classes + 1) - 1  # -1 (runner-up) and every class
@@ -215,18 +228,52 @@ def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: 
 
 
 def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
-           contrast: torch.Tensor) -> dict:
-    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE."""
+           contrast: torch.Tensor, model: nn.Module | None = None) -> dict:
+    """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE (NaN too).
+
+    A sample whose network has an activation within ``kinks.MARGIN`` of a kink (a ReLU input within rounding
+    of zero) may get the other one-sided derivative in ONNX Runtime, whose float32 forward rounds differently:
+    its gradient outputs then differ by a finite step. Such samples are held to ``KINK_TOLERANCE`` instead
+    (counted in the manifest's verification record).
+    """
     got = run_exported(graph, manifest, images, {"contrast": contrast.numpy()})
     if got is None:
         return {}
     with torch.no_grad():
         expected = complete_with_kernels(probe(images, contrast), manifest)
+    floats = [k for k in expected if expected[k].dtype.kind == "f"]
     errors = parity_errors(got, expected, floor=1e-12, per_output=True)
-    bad = {k: v for k, v in errors.items() if not v <= VERIFY_TOLERANCE and expected[k].dtype.kind == "f"}  # NaN too
+    bad = {k: v for k, v in errors.items() if not v <= VERIFY_TOLERANCE and k in floats}  # NaN too
     if bad:
-        raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad}")
+        per_sample = {}
+        for name in bad:
+            scale = max(float(np.abs(expected[name]).max(initial=0.0)), 1e-12)
+            difference = np.abs(got[name].astype(np.float64) - expected[name]).reshape(len(images), -1).max(axis=1)
+            per_sample[name] = difference / scale
+        worst = np.max(list(per_sample.values()), axis=0)
+        margins = _kink_margins(model if model is not None else probe.graph_module, probe, images)
+        at_kink = margins < kinks.MARGIN
+        wrong = ~(worst <= VERIFY_TOLERANCE) & ~(at_kink & (worst <= KINK_TOLERANCE))  # NaN is wrong
+        if wrong.any():
+            raise ExportError(f"the exported graph disagrees with the torch model beyond {VERIFY_TOLERANCE}: {bad} "
+                              f"(samples {np.nonzero(wrong)[0].tolist()}; of them at a kink: "
+                              f"{np.nonzero(wrong & at_kink)[0].tolist()})")
+        excused = (worst > VERIFY_TOLERANCE) & at_kink
+        keep = ~excused
+        errors = parity_errors({k: got[k][keep] for k in expected}, {k: expected[k][keep] for k in expected},
+                               floor=1e-12, per_output=True)
+        errors["samples_at_a_kink"] = float(excused.sum())
+        errors["worst_at_a_kink"] = float(worst[excused].max(initial=0.0))
     return errors
+
+
+def _kink_margins(model: nn.Module, probe: ProbeModule, images: torch.Tensor) -> np.ndarray:
+    try:
+        graph_module = kinks.fine_graph(model)
+    except Exception:  # fall back to the probe's own trace (activations inside leaves unseen)
+        graph_module = probe.graph_module
+    with torch.no_grad():
+        return kinks.kink_margin(graph_module, (images - probe.mean) / probe.std)
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -272,7 +319,8 @@ def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, byt
 
 def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, target_layer: str | None = None,
                   class_names=None, normalize=None, layer_grads: bool = False, confounding: str = "bce",
-                  contrastive=None, opset: int | None = None) -> Path:
+                  contrastive=None, opset: int | None = None, grid: tuple | None = None,
+                  hand_rules: bool = True) -> Path:
     """Export ``model`` with its probe graph as a bundle directory at ``path``; returns the path.
 
     ``example_input``: a few images [N, C, H, W] in [0, 1] (the shape is what the bundle accepts).
@@ -284,13 +332,16 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
     ``contrastive``: also output the contrastive features r_x (METHODS §4), ``contrastive_<variant>`` for
     "full", "compact" or "norms" (one, or a sequence of them); a second stage trained on them with
     ``gradprobe train-contrastive`` then runs in the same engine call.
+    ``grid``: (h, w) of a [B, N, D] token target whose last h*w tokens lie on a patch grid (ViT-style layouts
+    are found without it). ``hand_rules=False`` derives every backward with the generic rule (for measuring
+    what the hand rules buy; the graph is the same function).
     Nothing is left behind on failure; an existing bundle at ``path`` is replaced whole.
     """
     prepared = prepare(model, example_input, normalize)
     variants = variants_of(contrastive)
     with _eval_mode(model):
-        graph = trace(model, prepared.normalized(), target_layer)
-        probe, norms, outputs = build(prepared, graph, layer_grads, confounding, variants)
+        graph = trace(model, prepared.normalized(), target_layer, grid)
+        probe, norms, outputs = build(prepared, graph, layer_grads, confounding, variants, hand_rules)
         classes = int(outputs["logits"].shape[1])
         names = [str(n) for n in (class_names if class_names is not None else
                                   getattr(model, "class_names", range(classes)))]
@@ -299,9 +350,9 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
         weights = _weights(model, prepared, names)
         manifest = describe(prepared, graph, probe, outputs, norms, confounding, names,
                             WEIGHTS_FILE if weights else None)
-        images, contrast = probe_inputs(prepared.example, classes)
+        images, contrast = probe_inputs(prepared.example, classes, getattr(probe, "activation_sizes", ()))
         graph_bytes, problems = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast, opset)
-        errors = verify(graph_bytes, manifest, probe, images, contrast)
+        errors = verify(graph_bytes, manifest, probe, images, contrast, model)
     manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
                             "verified_against_torch": errors, "verify_tolerance": VERIFY_TOLERANCE,
                             "tensorrt_problems": problems})

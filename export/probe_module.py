@@ -9,14 +9,17 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from gradprobe.base.errors import ExportError
 from gradprobe.base.manifest import TensorSpec
 
 from . import maps as explanation_maps
-from .backward import backprop, backprop_to_target
+from .backward import Backward, make_call, where
 from .contrastive import MEANINGS as CONTRASTIVE_MEANINGS
 from .contrastive import contrastive_features
+from .generic import VJPCache, check_traceable, per_sample_norms
 from .graph import ProbeGraph
-from .layer_grads import ParameterNorm, PatchExtractor, closed_form_sqnorm, confounding_logit_grad, gram_sqnorm
+from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
+                          expanded_sqnorm, gram_sqnorm)
 
 #: What each non-map output means (maps describe themselves through the table).
 MEANINGS = {
@@ -41,6 +44,14 @@ def _one_hot(index: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Ten
     return (torch.arange(classes, device=index.device)[None, :] == index[:, None]).to(dtype)
 
 
+def _linear_bias(graph: ProbeGraph):
+    node = graph.linear
+    if node.op == "call_module":
+        return graph.module.get_submodule(node.target).bias
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return bias
+
+
 class ProbeModule(nn.Module):
     """forward(images in [0,1], contrast) -> {output name: tensor}.
 
@@ -50,7 +61,8 @@ class ProbeModule(nn.Module):
     """
 
     def __init__(self, graph: ProbeGraph, mean=None, std=None, layer_norms: list[ParameterNorm] | None = None,
-                 confounding: str = "bce", maps=explanation_maps.MAPS, contrastive: tuple = ()):
+                 confounding: str = "bce", maps=explanation_maps.MAPS, contrastive: tuple = (),
+                 example: torch.Tensor | None = None, hand_rules: bool = True):
         super().__init__()
         self.contrastive = tuple(contrastive)
         self.graph_module = graph.module
@@ -64,6 +76,54 @@ class ProbeModule(nn.Module):
         std = torch.ones(1) if std is None else torch.as_tensor(std, dtype=torch.float32)
         self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
+        self._bias = 1.0 if _linear_bias(graph) is not None else 0.0  # a Linear without bias has no db term
+        if example is None:
+            raise ValueError("ProbeModule needs example images (normalised) to build its backward pass")
+        env = self._example_env(example)
+        for node in graph.network_nodes():
+            if node.op == "call_module" and node.target in graph.opaque:
+                check_traceable(self.graph_module, make_call(self.graph_module, node, env),
+                                where(self.graph_module, node))
+        cache = VJPCache()
+        head = graph.head_nodes()
+        # one backward to the target for the maps (only what the target's gradient needs) ...
+        self.map_backward = Backward(graph, env, head, set(head) | {graph.target}, hand_rules, cache)
+        # ... and one through the whole network for the per-layer norms
+        self.norms = nn.ModuleDict()
+        if self.layer_norms:
+            network = graph.network_nodes()
+            self.layer_backward = Backward(graph, env, network, set(network), hand_rules, cache)
+            self._plan_generic_norms(env)
+        if cache.zero:
+            raise ExportError(f"{cache.zero[0]} has a zero gradient for every input (a piecewise-constant or "
+                              "non-differentiable operation such as round, floor or sign) and lies on the backward "
+                              "path: every map or gradient norm behind it would be degenerate"
+                              + (f"; also {cache.zero[1:]}" if len(cache.zero) > 1 else ""))
+
+    def _example_env(self, example: torch.Tensor) -> dict:
+        """Every node's value on the example images, cycled to a batch size that no other dimension of any
+        activation equals: the generic rule traces these values with symbolic shapes, and duck sizing would
+        tie the batch to an equal dimension (feasibility.md: then the exporter silently fixes the batch)."""
+        for batch in (7, 11, 13, 17, 19, 23, 29, 31):
+            with torch.no_grad():
+                env = self.run_graph(example[torch.arange(batch) % len(example)])
+            taken = {int(size) for value in env.values() if isinstance(value, torch.Tensor) for size in value.shape[1:]}
+            if batch not in taken:
+                self.example_batch, self.activation_sizes = batch, frozenset(taken)
+                return env
+        raise ExportError("every candidate batch size (7..31) is also a dimension of some activation")
+
+    def _plan_generic_norms(self, env: dict) -> None:
+        groups: dict = {}
+        for entry in self.layer_norms:
+            if entry.form == "generic":
+                groups.setdefault(entry.node, []).append(entry)
+        for node, entries in groups.items():
+            call = make_call(self.graph_module, node, env)
+            attributes = [e.attribute for e in entries if node.op != "call_module"]
+            state = [e.attribute for e in entries if node.op == "call_module"]
+            self.norms[node.name] = per_sample_norms(self.graph_module, call, attributes, state,
+                                                     where(self.graph_module, node), self.example_batch)
 
     def output_specs(self, outputs: dict) -> list[TensorSpec]:
         """Name, dtype, shape (batch named B) and meaning of every output, from one forward's ``outputs``."""
@@ -82,7 +142,7 @@ class ProbeModule(nn.Module):
 
     def forward(self, images: torch.Tensor, contrast: torch.Tensor) -> dict:
         env = self.run_graph((images - self.mean) / self.std)
-        activation = env[self.graph.target]
+        activation = self.graph.map_of(env[self.graph.target])
         logits = env[self.graph.logits]
         features = env[self.graph.features]
         classes = logits.shape[1]
@@ -106,15 +166,18 @@ class ProbeModule(nn.Module):
         confounding_delta = torch.sigmoid(logits) - 1
         confounding_sq = (confounding_delta * confounding_delta).sum(dim=1, keepdim=True)
         outputs = {"logits": logits, "probs": probs, "pred": pred, "features": features,
-                   "contrast_class": contrast_class, "label_grad_sqnorm": delta_sqnorm * (feature_sqnorm + 1),
-                   "confounding_grad_sqnorm": torch.cat([confounding_sq * feature_sqnorm, confounding_sq], dim=1)}
+                   "contrast_class": contrast_class, "label_grad_sqnorm": delta_sqnorm * (feature_sqnorm + self._bias),
+                   "confounding_grad_sqnorm": torch.cat([confounding_sq * feature_sqnorm, confounding_sq * self._bias],
+                                                        dim=1)}
 
         # METHODS §3: one backward to the target layer per distinct scalar target, shared by its maps.
         gradients = {}
         for spec in self.maps:
             if spec.target not in gradients:
                 cotangent = explanation_maps.TARGETS[spec.target].logit_gradient(probs, pred_hot, contrast_hot)
-                gradients[spec.target] = backprop_to_target(self.graph, env, cotangent)
+                grad = self.map_backward.run(env, cotangent, self.graph.head_nodes(), keep={self.graph.target},
+                                             broadcastable={self.graph.target})[self.graph.target]
+                gradients[spec.target] = self.graph.map_of(grad)
             outputs[spec.name] = explanation_maps.weighted_map(spec, gradients[spec.target], activation)
         for variant in self.contrastive:  # METHODS §4: dCE(z, i)/dW = (p - e_i) h^T, no backward needed
             outputs[f"contrastive_{variant}"] = contrastive_features(variant, probs, features)
@@ -124,12 +187,27 @@ class ProbeModule(nn.Module):
 
     def _layer_grads(self, env: dict, logits: torch.Tensor) -> dict:
         """METHODS §1/§6: one batched backward of the confounding loss through the whole network."""
-        owners = {entry.node for entry in self.layer_norms}
-        grads = backprop(self.graph, env, confounding_logit_grad(logits, self.confounding),
-                         self.graph.network_nodes(), keep=owners)
-        columns, taps = [], {}
+        owners = {entry.node for entry in self.layer_norms if entry.node is not None}
+        grads = self.layer_backward.run(env, confounding_logit_grad(logits, self.confounding),
+                                        self.graph.network_nodes(), keep=owners)
+        columns, taps, generic = [], {}, {}
         for column, entry in enumerate(self.layer_norms):
-            x, grad = env[entry.node.args[0]], grads[entry.node]
+            if entry.form == "generic":
+                if entry.node not in generic:
+                    call = make_call(self.graph_module, entry.node, env)
+                    generic[entry.node] = iter(self.norms[entry.node.name].apply(
+                        call, self._grad(grads, entry.node, env), self.graph_module).unbind(1))
+                columns.append(next(generic[entry.node]))
+                continue
+            if entry.kind == "unused":
+                columns.append(torch.zeros_like(logits[:, 0]))
+                continue
+            if entry.kind == "expanded":
+                columns.append(expanded_sqnorm(env[entry.node.args[0]], self._grad(grads, entry.node, env)))
+                continue
+            x, grad = env[entry.node.args[0]], self._grad(grads, entry.node, env)
+            if entry.per_position and entry.kind == "linear_weight":
+                x, grad = as_map(x), as_map(grad)
             if entry.form == "closed":
                 module = self.graph_module.get_submodule(entry.node.target)
                 columns.append(closed_form_sqnorm(entry, module, x, grad))
@@ -139,6 +217,14 @@ class ProbeModule(nn.Module):
                 columns.append(torch.zeros_like(logits[:, 0]))
                 taps[f"tap_input_{column}"], taps[f"tap_grad_{column}"] = x, grad
         return {"layer_grad_sqnorm": torch.stack(columns, dim=1), **taps}
+
+    @staticmethod
+    def _grad(grads: dict, node, env: dict):
+        """The output gradient of a call, zeros where no gradient reaches it."""
+        grad = grads.get(node)
+        if grad is None:
+            return torch.zeros_like(env[node])
+        return grad.expand_as(env[node]) if isinstance(grad, torch.Tensor) else grad
 
 
 class OrderedOutputs(nn.Module):

@@ -25,26 +25,39 @@ def _normalized(images: np.ndarray, normalize) -> torch.Tensor:
 
 
 def _sqnorm(grads) -> float:
-    return float(sum((g.double() ** 2).sum() for g in grads))
+    return float(sum((g.double() ** 2).sum() for g in grads if g is not None))
 
 
 class ResearchReference:
     """Per-sample autograd reference for a model, its target layer and its last Linear."""
 
     def __init__(self, model: nn.Module, target_layer: str, linear: str, normalize=None,
-                 maps=explanation_maps.MAPS):
+                 maps=explanation_maps.MAPS, layout=None, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype  # float64 (with a float64 model) where float32 autograd is itself too noisy
         self.model = model.eval()
         self.target = model.get_submodule(target_layer)
         self.linear = model.get_submodule(linear)
         self.normalize = normalize
         self.maps = tuple(maps)
+        self.to_map = layout.to_map if layout is not None else (lambda value: value)
 
     @classmethod
     def for_bundle(cls, model: nn.Module, manifest: Manifest) -> "ResearchReference":
-        """The reference for ``model`` with the target layer, last Linear, normalisation and maps of a bundle."""
+        """The reference for ``model`` with the target layer, last Linear, normalisation and maps of a bundle.
+
+        A target that is a plain channels-first module is hooked on the model itself; any other (a traced
+        node such as a ``cat``, a channels-last or token activation) on the traced model with an Identity
+        called on the target, read through the target's layout."""
+        from .graph import CHANNELS_FIRST, trace
+
         section = manifest.classifier
-        return cls(model, section.target_layer, section.linear, (manifest.input.mean, manifest.input.std),
-                   section.maps)
+        normalize = (manifest.input.mean, manifest.input.std)
+        example = torch.rand((2, *manifest.input.shape), generator=torch.Generator().manual_seed(0))
+        graph = trace(model, _normalized(example.numpy(), normalize), section.target_layer)
+        if section.target_layer in dict(model.named_modules()) and graph.layout == CHANNELS_FIRST:
+            return cls(model, section.target_layer, section.linear, normalize, section.maps)
+        hooked, name = graph.with_target_module()
+        return cls(hooked, name, section.linear, normalize, section.maps, graph.layout)
 
     def _forward(self, x: torch.Tensor):
         captured = {}
@@ -85,7 +98,7 @@ class ResearchReference:
 
     def run(self, images: np.ndarray, contrast=None) -> dict[str, np.ndarray]:
         """The probe outputs (same names as the ONNX graph) for every image, one at a time."""
-        x_all = _normalized(images, self.normalize)
+        x_all = _normalized(images, self.normalize).to(self.dtype)
         rows = []
         for index in range(len(x_all)):
             logits, activation, features = self._forward(x_all[index:index + 1])
@@ -111,8 +124,9 @@ class ResearchReference:
                 confounding_grad_sqnorm=np.array(confounding, dtype=np.float64))
             for spec in self.maps:  # one full backward per map, as the research scripts do
                 scalar = explanation_maps.TARGETS[spec.target].scalar(logits, pred, q)
-                grad = self._backward(scalar, activation)[2].clone()
-                row[spec.name] = explanation_maps.weighted_map(spec, grad, activation.detach())[0].detach().numpy()
+                grad = self.to_map(self._backward(scalar, activation)[2].clone())
+                row[spec.name] = explanation_maps.weighted_map(spec, grad, self.to_map(activation.detach()))[0] \
+                    .detach().numpy()
             rows.append(row)
         self.model.zero_grad(set_to_none=True)
         return {name: np.stack([row[name] for row in rows]) for name in rows[0]}

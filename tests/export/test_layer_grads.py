@@ -1,5 +1,6 @@
 """layer_grad_sqnorm (every parameter tensor, per sample, confounding label) equals torch.func.vmap(grad)."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ from torch.func import functional_call, grad, vmap
 
 import gradprobe
 from gradprobe import ExportError
-from gradprobe.export.parity import ABSOLUTE_FLOOR, RELATIVE
+from gradprobe.export.kinks import check_sqnorms
+from gradprobe.export.parity import RELATIVE
+from gradprobe.export.reference import _normalized
 
 from ..reference_models import REFERENCE_MODELS, make_model
 
@@ -54,15 +57,18 @@ def _check(model, probe, images, loss="bce"):
     assert names == [n for n, _ in model.named_parameters()]
     result = probe.run(images)
     ours = result.layer_grad_sqnorm
-    # vmap(grad) in float32 and in float64: each alone is a shaky oracle. float32 vmap loses up to 3.7e-4 on
-    # BatchNorm-bias sums (MobileNet, batch 64) where float64 agrees with us to 4e-6; on one ResNet sample of 64
-    # float64 departs by 2% from both float32 computations, which agree with each other. Per element, ours must
-    # be within the bound of one of them.
-    errors = [np.abs(ours - ref) / np.maximum(np.abs(ref), ABSOLUTE_FLOOR / RELATIVE)
-              for ref in (vmap_sqnorms(model, images, normalize, names, loss, dtype)
-                          for dtype in (torch.float32, torch.float64))]
-    worst = np.minimum(*errors).max()
-    assert worst <= RELATIVE, f"max error {worst:.2e} (float32 vmap {errors[0].max():.2e}, float64 {errors[1].max():.2e})"
+    # vmap(grad) in float32 and in float64: per element, ours must be within the bound of one of them (float32
+    # vmap loses up to 3.7e-4 on BatchNorm-bias sums of MobileNet at batch 64, where float64 agrees with us to
+    # 4e-6). A sample that still differs is checked on both sides of the ReLU kinks its float64 forward has
+    # within kinks.MARGIN: ONNX Runtime, torch float32 and torch float64 may each round a pre-activation of
+    # ~1e-7 to a different sign, and the per-sample norms jump there (issue 8, item 7). No test depends on
+    # which side a given CPU's briefly trained weights put such a value.
+    references = [vmap_sqnorms(model, images, normalize, names, loss, dtype) for dtype in (torch.float32, torch.float64)]
+    x = _normalized(images, normalize)
+    verdict = check_sqnorms(model, x, ours, references, names, loss)
+    assert verdict["error"] <= RELATIVE, verdict
+    if verdict["kink_samples"]:
+        print(json.dumps({"samples_checked_on_both_sides_of_a_kink": verdict["kink_samples"]}))
     return result
 
 
@@ -142,15 +148,19 @@ class _SharedConv(nn.Module):
 
 
 def test_module_called_twice_is_refused(tmp_path):
-    with pytest.raises(ExportError, match="'conv' is called 2 times"):
+    with pytest.raises(ExportError, match="'conv.weight' is used 2 times"):
         gradprobe.export(_SharedConv(), torch.rand(2, 1, 8, 8), tmp_path / "b", layer_grads=True)
 
 
-class _Gelu(nn.Module):
+class _NoHandRule(nn.Module):
+    """SELU and GroupNorm in the body have no hand rule: the generic rule differentiates them, and
+    GroupNorm's per-sample parameter norms are generic too."""
+
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3)
-        self.act = nn.GELU()
+        self.act = nn.SELU()
+        self.norm = nn.GroupNorm(2, 4)
         self.conv = nn.Conv2d(4, 4, 3)
         self.relu = nn.ReLU()
         self.gap = nn.AdaptiveAvgPool2d(1)
@@ -158,13 +168,19 @@ class _Gelu(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(self.flatten(self.gap(self.relu(self.conv(self.act(self.stem(x)))))))
+        return self.fc(self.flatten(self.gap(self.relu(self.conv(self.norm(self.act(self.stem(x))))))))
 
 
-def test_unsupported_layer_in_body_is_named(tmp_path):
-    gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "maps_only")  # GELU is before the target: fine
-    with pytest.raises(ExportError, match=r"'act' \(GELU\)"):
-        gradprobe.export(_Gelu(), torch.rand(2, 1, 9, 9), tmp_path / "deep", layer_grads=True)
+def test_layer_without_hand_rule_in_body_is_generic(deep_exported, fmnist_test):
+    torch.manual_seed(4)
+    model = _NoHandRule().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.2, 0.2)
+    _, probe = deep_exported(model)
+    forms = dict(zip(probe.manifest.classifier.layer_grads.names, probe.manifest.classifier.layer_grads.forms))
+    assert forms["norm.weight"] == forms["norm.bias"] == "generic"
+    _check(model, probe, fmnist_test[0][:5])
 
 
 @pytest.mark.parametrize("name", REFERENCE_MODELS)

@@ -46,9 +46,27 @@ class _GeluHead(nn.Module):
         return self.fc(self.act(self.hidden(self.flatten(self.pool(self.relu(self.conv(x)))))))
 
 
-def test_unsupported_head_layer_is_named(tmp_path):
-    with pytest.raises(ExportError, match=r"'act' \(GELU\).*no backward rule"):
-        gradprobe.export(_GeluHead(), torch.rand(2, 1, 8, 8), tmp_path / "b")
+def test_head_layers_export_and_match_autograd(tmp_path):
+    """GELU (a hand rule) and SELU (the generic rule) between the target and the logits."""
+    torch.manual_seed(0)
+    for act in (nn.GELU(), nn.SELU()):
+        model = _GeluHead().eval()
+        model.act = act
+        bundle = gradprobe.export(model, torch.rand(2, 1, 8, 8), tmp_path / type(act).__name__)
+        probe = gradprobe.load(bundle)
+        images = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+        reference = ResearchReference.for_bundle(model, probe.manifest).run(images, np.full(5, 1))
+        assert max(parity_errors(probe.run(images, contrast=1).as_dict(), reference).values()) <= RELATIVE
+
+
+class _RoundingHead(_GeluHead):
+    def forward(self, x):
+        return self.fc(torch.round(self.hidden(self.flatten(self.pool(self.relu(self.conv(x)))))))
+
+
+def test_non_differentiable_head_layer_is_named(tmp_path):
+    with pytest.raises(ExportError, match=r"round \(round\).*derivative is zero.*degenerate"):
+        gradprobe.export(_RoundingHead(), torch.rand(2, 1, 8, 8), tmp_path / "b")
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
 
 
@@ -58,7 +76,7 @@ class _SoftmaxOut(_GeluHead):
 
 
 def test_logits_must_come_from_linear(tmp_path):
-    with pytest.raises(ExportError, match="straight from an nn.Linear"):
+    with pytest.raises(ExportError, match="come from an nn.Linear"):
         gradprobe.export(_SoftmaxOut(), torch.rand(2, 1, 8, 8), tmp_path / "b")
 
 

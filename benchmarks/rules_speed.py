@@ -1,0 +1,161 @@
+"""Hand rule vs generic rule, per operation: where the hand-written backward rules are worth keeping.
+
+For each operation (one call at the shape it has in a ResNet-50 / MobileNetV3 / ConvNeXt at 224x224), the
+graph ``input, output gradient -> forward of the call + its input gradient`` is exported twice, once with the
+hand rule and once with the generic rule (the call's VJP traced from autograd with make_fx), and the two ONNX
+Runtime sessions are timed in alternation (pinned threads, spinning off, batch 32). Writes
+``benchmarks/results/rules_speed.{json,md}``::
+
+    .venv-peers/bin/python benchmarks/rules_speed.py     # or the main venv
+Self-contained; the interleaved timing is what ``benchmarks/harness`` should provide.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BATCH = 32
+
+
+class Call(nn.Module):
+    def __init__(self, layer: nn.Module | None = None, function=None):
+        super().__init__()
+        self.layer, self.function = layer, function
+
+    def forward(self, x):
+        return self.layer(x) if self.layer is not None else self.function(x)
+
+
+def _bn(channels: int) -> nn.Module:
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+    return bn
+
+
+CASES = {  # name: (call, per-sample input shape)
+    "ReLU [64, 56, 56]": (Call(nn.ReLU()), (64, 56, 56)),
+    "Conv2d 3x3 64->64 [56, 56]": (Call(nn.Conv2d(64, 64, 3, padding=1, bias=False)), (64, 56, 56)),
+    "Conv2d 3x3 s2 128->128 [56, 56]": (Call(nn.Conv2d(128, 128, 3, 2, 1, bias=False)), (128, 56, 56)),
+    "depthwise 5x5 [240, 14, 14]": (Call(nn.Conv2d(240, 240, 5, padding=2, groups=240, bias=False)), (240, 14, 14)),
+    "BatchNorm2d eval [256, 56, 56]": (Call(_bn(256)), (256, 56, 56)),
+    "MaxPool2d(3, 2, 1) [64, 112, 112]": (Call(nn.MaxPool2d(3, 2, 1)), (64, 112, 112)),
+    "Hardswish [16, 112, 112]": (Call(nn.Hardswish()), (16, 112, 112)),
+    "SiLU [96, 56, 56]": (Call(nn.SiLU()), (96, 56, 56)),
+    "GELU [56, 56, 384]": (Call(nn.GELU()), (56, 56, 384)),
+    "Linear 96->384 [56, 56]": (Call(nn.Linear(96, 384)), (56, 56, 96)),
+    "AvgPool2d(2, 2, ceil, no pad count) [256, 56, 56]": (
+        Call(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)), (256, 56, 56)),
+    "SE gate x * sigmoid(mean) [96, 56, 56]": (
+        Call(function=lambda x: x * torch.sigmoid(x.mean((2, 3), keepdim=True))), (96, 56, 56)),
+}
+
+
+class VJP(nn.Module):
+    """images, output gradient -> the call's input gradient, from the forward values, by one backward step."""
+
+    def __init__(self, call: nn.Module, shape, hand_rules: bool):
+        super().__init__()
+        from gradprobe.export.backward import Backward
+        from gradprobe.export.generic import VJPCache
+        from gradprobe.export.graph import ProbeGraph
+
+        self.graph_module = fx.symbolic_trace(call)
+        self.graph_module.gradprobe_batched = frozenset(self.graph_module.graph.nodes)
+        self.nodes = [n for n in self.graph_module.graph.nodes if n.op in ("call_module", "call_function",
+                                                                             "call_method")]
+        self.x_node = next(n for n in self.graph_module.graph.nodes if n.op == "placeholder")
+        self.output = next(n for n in self.graph_module.graph.nodes if n.op == "output").args[0]
+        env = self._env(torch.randn(7, *shape))
+        graph = ProbeGraph(self.graph_module, self.nodes[0], self.nodes[0], self.output, "", "")
+        self.backward = Backward(graph, env, self.nodes, set(self.nodes) | {self.x_node}, hand_rules, VJPCache())
+        self.used = sorted({"hand" if s.rule else "generic" for s in self.backward.steps.values()
+                            if s.rule or s.generic})
+
+    def _env(self, x):
+        interpreter = fx.Interpreter(self.graph_module, garbage_collect_values=False)
+        interpreter.run(x)
+        return dict(interpreter.env)
+
+    def forward(self, x, grad):
+        env = self._env(x)
+        return self.backward.run(env, grad, self.nodes, keep={self.x_node})[self.x_node].expand_as(x)
+
+
+def _export(module: nn.Module, x, grad) -> bytes:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with tempfile.TemporaryDirectory() as folder, redirect_stdout(io.StringIO()):
+        path = Path(folder) / "vjp.onnx"
+        torch.onnx.export(module, (x, grad), str(path), dynamo=True, input_names=["x", "grad"],
+                          dynamic_shapes=({0: batch}, {0: batch}), external_data=False)
+        return path.read_bytes()
+
+
+def _session(data: bytes, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def main(threads: int = 2, blocks: int = 9) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    results = {}
+    for name, (call, shape) in CASES.items():
+        call.eval()
+        x = torch.randn(BATCH, *shape)
+        with torch.no_grad():
+            grad = torch.randn_like(call(x))
+        sessions, check = {}, {}
+        for kind, hand in (("hand", True), ("generic", False)):
+            module = VJP(call, shape, hand)
+            sessions[kind] = _session(_export(module, x[:3], grad[:3]), threads)
+            check[kind] = module.used
+        feeds = {"x": x.numpy(), "grad": grad.numpy()}
+        outputs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
+        agree = float(np.abs(outputs["hand"] - outputs["generic"]).max() / (np.abs(outputs["hand"]).max() + 1e-30))
+        times = {k: [] for k in sessions}
+        for block in range(blocks):
+            for kind in (("hand", "generic") if block % 2 == 0 else ("generic", "hand")):
+                started = time.perf_counter()
+                sessions[kind].run(None, feeds)
+                times[kind].append(time.perf_counter() - started)
+        row = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        row.update({"generic_over_hand": row["generic"] / row["hand"], "relative_difference": agree,
+                    "rules": check})
+        results[name] = row
+        print(f"{name}: hand {row['hand']:.1f} ms, generic {row['generic']:.1f} ms "
+              f"(x{row['generic_over_hand']:.2f}), outputs agree to {agree:.1e}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    environment = {"threads": threads, "batch": BATCH, "torch": torch.__version__, "load": os.getloadavg()}
+    (RESULTS / "rules_speed.json").write_text(json.dumps({"_environment": environment, **results}, indent=1))
+    lines = ["# Hand rule vs generic rule, one call each (ONNX Runtime, batch 32)", "",
+             f"`benchmarks/rules_speed.py`: the forward of one call plus its input gradient, exported once with the "
+             f"hand rule and once with the generic (autograd-derived, make_fx) rule; medians of {blocks} alternating "
+             f"runs, {threads} threads, spinning off; load average {environment['load']} (a shared machine).", "",
+             "| call | hand ms | generic ms | generic / hand | outputs agree |", "|---|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(f"| {name} | {row['hand']:.1f} | {row['generic']:.1f} | {row['generic_over_hand']:.2f} | "
+                     f"{row['relative_difference']:.1e} |")
+    (RESULTS / "rules_speed.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))

@@ -1,0 +1,449 @@
+"""The model zoo: every torchvision classification model and a set of timm families, exported and checked.
+
+Run in the peers venv (torch 2.14.1 + torchvision 0.29.1 + timm + pytorch-grad-cam)::
+
+    .venv-peers/bin/python benchmarks/zoo.py run                 # resumable: skips models already in the JSON
+    .venv-peers/bin/python benchmarks/zoo.py run --only resnet18 timm/convnext_atto
+    .venv-peers/bin/python benchmarks/zoo.py table               # benchmarks/results/zoo.md from the JSON
+
+Each model runs in its own subprocess with a timeout (one export per model: ``layer_grads=True`` gives every
+output), random init with non-trivial normalisation statistics (affine parameters drawn at random, then
+running statistics from a few train-mode passes on noise), 10 classes, small inputs. Checks, on random
+images, against:
+- logits: the eager model (ONNX Runtime output);
+- maps (Grad-CAM, contrastive, counterfactual, Grad-CAM++): the per-sample autograd reference
+  (``ResearchReference``) on the same target, each map relative to its own peak;
+- Grad-CAM after upsampling and min-max normalisation: ``pytorch_grad_cam.GradCAM`` on the same layer (the
+  traced model with an Identity at the target, and the layout's reshape_transform);
+- ``layer_grad_sqnorm``: ``torch.func.vmap(grad)`` per sample in float64 (float32 too; an element passes when
+  it agrees with either, as ``tests/export/test_layer_grads.py`` does), samples at a ReLU kink checked on
+  both sides (``gradprobe.export.kinks``).
+Self-contained on purpose: the timing harness and peers runner under ``benchmarks/harness`` are being
+restructured; the subprocess/resume loop here is what should move onto the runner.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TOLERANCE = 1e-4
+#: Models above this size get the maps-only export (every last-layer output and map checked, no per-layer
+#: norms): on the shared 2-core machine a layer_grads export and float64 vmap(grad) of a 100 M-parameter model
+#: take hours. Every family has a member below it. ZOO_LAYER_GRADS_MAX_PARAMS overrides.
+LAYER_GRADS_MAX_PARAMS = int(float(os.environ.get("ZOO_LAYER_GRADS_MAX_PARAMS", 3e7)))
+
+#: torchvision models whose smallest accepted input is not 64x64, and builder arguments.
+TORCHVISION_SIZES = {"inception_v3": 139, "maxvit_t": 224, "vit_h_14": 56}
+TORCHVISION_KWARGS = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
+                      "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56},
+                      "googlenet": {"aux_logits": False, "init_weights": True},
+                      "inception_v3": {"aux_logits": False, "init_weights": True}}
+#: timm: one small variant per family, with the arguments that make it accept 64x64 inputs.
+TIMM_MODELS = {
+    "resnet18": "resnet", "resnet26d": "resnet-d (avg-pool downsample)", "resnext26ts": "resnext (timm ts)",
+    "efficientnet_b0": "efficientnet", "mobilenetv3_small_100": "mobilenetv3", "regnety_002": "regnet (SE)",
+    "regnetx_002": "regnet", "convnext_atto": "convnext", "densenet121": "densenet", "ghostnet_050": "ghostnet",
+    "rexnet_100": "rexnet", "cspresnet50": "cspnet", "dla34": "dla", "vgg11_bn": "vgg (conv pre-logits)",
+    "lcnet_050": "lcnet", "mixnet_s": "mixnet", "res2net50_14w_8s": "res2net", "skresnet18": "sknet",
+    "ecaresnet26t": "eca-resnet", "nf_resnet26": "nfnet (weight-standardised convs)",
+    "mobilevit_xxs": "mobilevit", "resnest14d": "resnest", "vit_tiny_patch16_224": "vit",
+    "deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin",
+}
+TIMM_KWARGS = {"vit_tiny_patch16_224": {"img_size": 64}, "deit_tiny_patch16_224": {"img_size": 64},
+               "swin_tiny_patch4_window7_224": {"img_size": 64, "window_size": 4}, "mobilevit_xxs": {}}
+TRANSFORMERS = {"maxvit_t", "swin_b", "swin_s", "swin_t", "swin_v2_b", "swin_v2_s", "swin_v2_t", "vit_b_16",
+                "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32", "timm/vit_tiny_patch16_224",
+                "timm/deit_tiny_patch16_224", "timm/swin_tiny_patch4_window7_224", "timm/mobilevit_xxs"}
+
+
+def all_models() -> list[str]:
+    import torchvision.models
+
+    return sorted(torchvision.models.list_models(module=torchvision.models)) + [f"timm/{n}" for n in TIMM_MODELS]
+
+
+def family(name: str) -> str:
+    if name.startswith("timm/"):
+        return "timm " + TIMM_MODELS[name[5:]]
+    stem = name.split("_")[0].rstrip("0123456789")
+    special = {"wide": "wide_resnet", "efficientnet": "efficientnet" + ("_v2" if "v2" in name else ""),
+               "mobilenet": name.rsplit("_", 1)[0] if "_" in name else name}
+    return "torchvision " + special.get(stem, stem)
+
+
+# ------------------------------------------------------------------------------------------ one model
+def _build_only(name: str):
+    if name.startswith("timm/"):
+        import timm
+
+        short = name[5:]
+        return timm.create_model(short, pretrained=False, num_classes=10, **TIMM_KWARGS.get(short, {})), 64
+    import torchvision.models
+
+    return (torchvision.models.get_model(name, weights=None, num_classes=10, **TORCHVISION_KWARGS.get(name, {})),
+            TORCHVISION_SIZES.get(name, 64))
+
+
+def build(name: str):
+    import torch
+
+    torch.manual_seed(0)
+    model, size = _build_only(name)
+    return nontrivial_statistics(model, size), size
+
+
+def nontrivial_statistics(model, size: int):
+    """Affine normalisation parameters and layer scales drawn at random, then BatchNorm running statistics
+    from three train-mode passes on noise (cumulative averages), then eval mode."""
+    import torch
+    from torch import nn
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+                if getattr(module, "weight", None) is not None:
+                    module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+        for name, parameter in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("gamma", "layer_scale", "scale") and parameter.dim() <= 3:
+                parameter.copy_(0.5 * torch.rand(parameter.shape, generator=generator) + 0.25)
+        momenta = {}
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                momenta[module] = module.momentum
+                module.momentum = None
+                module.reset_running_stats()
+        model.train()
+        for _ in range(3):
+            model(torch.rand(8, 3, size, size, generator=generator))
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+            # channels that noise barely excites (dead ReLUs) get a variance near zero, and BatchNorm then
+            # multiplies their rounding errors by up to 1/sqrt(eps) ~ 300: a model no float32 engine computes
+            # to 1e-4. A floor at a tenth of the layer's mean variance keeps the statistics non-trivial.
+            floor = 0.1 * module.running_var.mean()
+            module.running_var.clamp_(min=float(floor))
+    return model.eval()
+
+
+def vmap_sqnorms(model, x, names, dtype, chunk_budget=2.0e8):
+    """Per-sample squared gradient norms of the all-ones BCE loss, torch.func.vmap(grad), in chunks of
+    samples small enough that B x P gradients fit in memory."""
+    import copy
+
+    import numpy as np
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    model = copy.deepcopy(model).to(dtype)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def confounding(params, sample):
+        z = functional_call(model, (params, buffers), (sample[None],))
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, torch.ones_like(z), reduction="sum")
+
+    total = sum(p.numel() for p in params.values())
+    chunk = max(1, int(chunk_budget // max(total, 1)))
+    rows = []
+    for start in range(0, len(x), chunk):
+        part = vmap(grad(confounding), in_dims=(None, 0))(params, x[start:start + chunk].to(dtype))
+        rows.append(np.stack([part[n].double().pow(2).flatten(1).sum(1).numpy() for n in names], axis=1))
+    return np.concatenate(rows)
+
+
+def gradcam_peer(hooked, target_name, layout, x, size):
+    """pytorch_grad_cam.GradCAM on the same layer (Identity at our target) with our layout as reshape_transform."""
+    from pytorch_grad_cam import GradCAM
+
+    def reshape(activation):
+        return layout.to_map(activation)
+
+    with GradCAM(model=hooked, target_layers=[hooked.get_submodule(target_name)], reshape_transform=reshape) as cam:
+        return cam(input_tensor=x, targets=None)
+
+
+def check(name: str, workdir: Path) -> dict:
+    import numpy as np
+    import torch
+
+    import gradprobe
+    from gradprobe.export.graph import trace
+    from gradprobe.export.kinks import check_sqnorms
+    from gradprobe.export.reference import ResearchReference
+
+    torch.set_num_threads(1)
+    row = {"model": name, "family": family(name), "transformer": name in TRANSFORMERS}
+    started = time.perf_counter()
+    model, size = build(name)
+    row["params"] = int(sum(p.numel() for p in model.parameters()))
+    row["input"] = size
+    rng = np.random.default_rng(0)
+    example = rng.random((4, 3, size, size), dtype=np.float32)
+    images = rng.random((6, 3, size, size), dtype=np.float32)
+    row["build_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    layer_grads = row["params"] <= LAYER_GRADS_MAX_PARAMS
+    row["layer_grads"] = layer_grads
+    try:
+        bundle = gradprobe.export(model, example, workdir / "bundle", layer_grads=layer_grads)
+    except gradprobe.GradprobeError as error:
+        row["export"] = False
+        row["error"] = f"{type(error).__name__}: {error}"
+        return row
+    row["export"], row["export_s"] = True, round(time.perf_counter() - started, 1)
+    probe = gradprobe.load(bundle)
+    section = probe.manifest.classifier
+    row["target"] = section.target_layer
+    row["target_shape"] = list(section.target_shape)
+    forms = list(section.layer_grads.forms) if layer_grads else []
+    row["forms"] = {form: forms.count(form) for form in sorted(set(forms))}
+    contrast = (np.arange(len(images)) % 11 - 1).astype(np.int64)
+    ours = probe.run(images, contrast)
+
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+    # relative to each sample's largest logit: random-init heads give logits of +-20 beside ones near zero, where
+    # an element-wise bound would ask float32 for more than its rounding (torch float32 itself is 5e-4 off float64)
+    scale = np.abs(logits).max(axis=1, keepdims=True)
+    row["logits_error"] = float((np.abs(ours.logits - logits) / np.maximum(scale, 1e-6)).max())
+
+    graph = trace(model, torch.from_numpy(example), section.target_layer)
+    hooked, hook_name = graph.with_target_module()
+    hooked64 = copy.deepcopy(hooked).double()
+    # float32 autograd is itself ~1e-4 off on some random-init models (a map is a sum over up to 2048 channels
+    # that cancel): each check passes when ours is within the bound of the float32 or the float64 reference
+    references = [ResearchReference(net, hook_name, section.linear, None, section.maps, layout=graph.layout,
+                                    dtype=dtype).run(images, contrast)
+                  for net, dtype in ((hooked, torch.float32), (hooked64, torch.float64))]
+    map_errors = {}
+    for spec in section.maps:
+        per_sample = []
+        for reference in references:
+            expected = reference[spec.name]
+            peak = np.abs(expected).reshape(len(images), -1).max(axis=1)
+            difference = np.abs(getattr(ours, spec.name) - expected).reshape(len(images), -1).max(axis=1)
+            per_sample.append(difference / np.maximum(peak, 1e-12))
+        map_errors[spec.name] = float(np.min(per_sample, axis=0).max())
+        map_errors[spec.name + "_vs_float64"] = float(per_sample[1].max())
+    # what float32 autograd itself is off by (its error against float64): the precision a float32 graph can have
+    row["float32_reference_map_errors"] = {}
+    for spec in section.maps:
+        exact, single = references[1][spec.name], references[0][spec.name]
+        peak = np.abs(exact).reshape(len(images), -1).max(axis=1)
+        difference = np.abs(single - exact).reshape(len(images), -1).max(axis=1)
+        row["float32_reference_map_errors"][spec.name] = float((difference / np.maximum(peak, 1e-12)).max())
+    row["map_errors"] = {k: v for k, v in map_errors.items() if not k.endswith("_vs_float64")}
+    row["map_errors_vs_float64"] = {k[:-len("_vs_float64")]: v for k, v in map_errors.items()
+                                    if k.endswith("_vs_float64")}
+    row["empty_cams"] = int((references[1]["cam"].reshape(len(images), -1).max(axis=1) <= 0).sum())
+
+    explained = probe.explain(images, contrast)
+    peak = ours.cam.reshape(len(images), -1).max(axis=1)
+    typical = np.median(peak[peak > 0]) if (peak > 0).any() else 0.0
+    tiny = peak < 0.05 * typical
+    errors, peers = [], []
+    for net, dtype in ((hooked, torch.float32), (hooked64, torch.float64)):
+        peers.append(gradcam_peer(net, hook_name, graph.layout, torch.from_numpy(images).to(dtype), size))
+        errors.append(np.abs(explained.cam - peers[-1]).reshape(len(images), -1).max(axis=1))
+    error = np.min(errors, axis=0)
+    row["float32_peer_gradcam_error"] = float(np.abs(peers[0] - peers[1]).reshape(len(images), -1)
+                                              .max(axis=1)[~tiny].max(initial=0.0))
+    row["gradcam_error"] = float(error[~tiny].max(initial=0.0))
+    row["gradcam_error_vs_float64"] = float(errors[1][~tiny].max(initial=0.0))
+    row["gradcam_near_empty"] = int(tiny.sum())
+    row["gradcam_near_empty_error"] = float((error * peak)[tiny].max(initial=0) / max(typical, 1e-30))
+
+    if not layer_grads:
+        row["ok"] = _passes(row)
+        return row
+    names = list(section.layer_grads.names)
+    x = torch.from_numpy(images)
+    started = time.perf_counter()
+    references = [vmap_sqnorms(model, x, names, dtype) for dtype in (torch.float32, torch.float64)]
+    row["vmap_s"] = round(time.perf_counter() - started, 1)
+    verdict = check_sqnorms(model, x, ours.layer_grad_sqnorm, references, names)
+    row["layer_grads_error"] = verdict["error"]
+    row["kink_samples"] = verdict["kink_samples"]
+    row["ok"] = _passes(row)
+    return row
+
+
+def _passes(row: dict) -> bool:
+    return bool(row["logits_error"] <= TOLERANCE and max(row["map_errors"].values()) <= TOLERANCE
+                and row["gradcam_error"] <= TOLERANCE and row["gradcam_near_empty_error"] <= TOLERANCE
+                and row.get("layer_grads_error", 0.0) <= TOLERANCE)
+
+
+def one(name: str, out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="zoo-") as folder:
+        try:
+            row = check(name, Path(folder))
+        except Exception as error:  # a crash in the harness or the library: recorded, not hidden
+            row = {"model": name, "family": family(name), "export": False, "crash": True,
+                   "error": f"{type(error).__name__}: {error}"[:3000], "traceback": traceback.format_exc()[-4000:]}
+    out.write_text(json.dumps(row))
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def _update(results: Path, name: str, row: dict) -> None:
+    """Add one row to the JSON under a lock (several workers may share the file)."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "gradprobe-zoo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(results.read_text()) if results.exists() else {}
+        done[name] = row
+        results.write_text(json.dumps(done, indent=1, sort_keys=True))
+
+
+def _size_order(models: list[str]) -> list[str]:
+    """Smallest models first (parameter counts from the builders, without running them)."""
+    import torch
+
+    counts = {}
+    for name in models:
+        try:
+            with torch.device("meta"):
+                model, _ = _build_only(name)
+            counts[name] = sum(p.numel() for p in model.parameters())
+        except Exception:  # some builders do not run on the meta device: build the small ones for real
+            if any(big in name for big in ("128gf", "32gf", "16gf")):
+                counts[name] = float("inf")
+            else:
+                model, _ = _build_only(name)
+                counts[name] = sum(p.numel() for p in model.parameters())
+    return sorted(models, key=lambda n: counts[n])
+
+
+def requeue(results: Path, patterns: list[str]) -> None:
+    """Drop the rows whose error (or failed check) matches a pattern, so that the next run redoes them."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "gradprobe-zoo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(results.read_text())
+        dropped = [name for name, row in done.items()
+                   if any(p in row.get("error", "") or (p == "mismatch" and row.get("export") and not row.get("ok"))
+                          for p in patterns)]
+        for name in dropped:
+            done.pop(name)
+        results.write_text(json.dumps(done, indent=1, sort_keys=True))
+    print("requeued", dropped)
+
+
+def run(models: list[str], results: Path, timeout: int, worker: int = 0, workers: int = 1) -> None:
+    models = _size_order(models)[worker::workers]
+    for name in models:
+        done = json.loads(results.read_text()) if results.exists() else {}
+        if name in done:
+            continue
+        started = time.perf_counter()
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+            part = Path(handle.name)
+        try:
+            completed = subprocess.run([sys.executable, __file__, "one", name, str(part)], cwd=ROOT,
+                                       timeout=timeout, capture_output=True, text=True)
+            if part.stat().st_size:
+                row = json.loads(part.read_text())
+            else:
+                row = {"model": name, "family": family(name), "export": False, "crash": True,
+                       "error": f"exit {completed.returncode}: {completed.stderr[-1500:]}"}
+        except subprocess.TimeoutExpired:
+            row = {"model": name, "family": family(name), "export": False, "timeout": True,
+                   "error": f"timed out after {timeout} s on this 2-core machine"}
+        finally:
+            part.unlink(missing_ok=True)
+        row["wall_s"] = round(time.perf_counter() - started, 1)
+        _update(results, name, row)
+        print(f"{name}: {'ok' if row.get('ok') else row.get('error', 'mismatch')[:200]} ({row['wall_s']} s)",
+              flush=True)
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.1e}"
+
+
+def table(results: Path, out: Path) -> None:
+    rows = json.loads(results.read_text())
+    lines = ["# Model zoo: export and parity", "",
+             "Generated by `benchmarks/zoo.py table` from `zoo.json` (`.venv-peers`: torch 2.14.1, torchvision "
+             "0.29.1, timm 1.0.31, pytorch-grad-cam). Random init, 10 classes, non-trivial normalisation "
+             "statistics, small inputs, `layer_grads=True`. Errors: logits relative to each sample's largest logit, maps relative to "
+             "each map's peak (worst of cam, contrastive, counterfactual, Grad-CAM++ vs autograd), Grad-CAM vs "
+             "pytorch_grad_cam after upsampling and normalisation (absolute), layer norms relative (floor 0.1) vs "
+             f"vmap(grad) float32/float64. Pass: all <= {TOLERANCE:g}.", ""]
+    for group, title in (("torchvision", "torchvision (every classification model of list_models)"),
+                         ("timm", "timm (one small model per family)")):
+        chosen = {k: v for k, v in rows.items() if v["family"].startswith(group)}
+        cnn = {k: v for k, v in chosen.items() if not v.get("transformer")}
+        passed = [k for k, v in cnn.items() if v.get("ok")]
+        tpassed = [k for k, v in chosen.items() if v.get("transformer") and v.get("ok")]
+        lines += [f"## {title}", "",
+                  f"CNNs: {len(passed)}/{len(cnn)} pass ({100 * len(passed) / max(len(cnn), 1):.1f} %); "
+                  f"transformers: {len(tpassed)}/{len(chosen) - len(cnn)}.", "",
+                  "| model | family | params | input | export | target [K, u, v] | logits | maps | Grad-CAM | "
+                  "layer_grads | norm forms | result |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in sorted(chosen, key=lambda n: (chosen[n]["family"], n)):
+            row = chosen[name]
+            if not row.get("export"):
+                lines.append(f"| {name} | {row['family']} | {row.get('params', '')} | {row.get('input', '')} | no | "
+                             f"| | | | | | {row.get('error', '')[:600].replace('|', '/').replace(chr(10), ' ')} |")
+                continue
+            maps = max(row["map_errors"].values()) if row.get("map_errors") else None
+            forms = ", ".join(f"{k} {v}" for k, v in row.get("forms", {}).items())
+            kinks = f" ({row['kink_samples']} at a kink)" if row.get("kink_samples") else ""
+            lines.append(f"| {name} | {row['family']} | {row['params'] / 1e6:.1f} M | {row['input']} | yes "
+                         f"({row['export_s']:.0f} s) | {row['target']} {row['target_shape']} | "
+                         f"{_fmt(row.get('logits_error'))} | {_fmt(maps)} | {_fmt(row.get('gradcam_error'))} | "
+                         f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'}"
+                         f"{kinks} | {forms} | "
+                         f"{'pass' if row.get('ok') else 'FAIL'} |")
+        lines.append("")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run")
+    run_parser.add_argument("--only", nargs="*")
+    run_parser.add_argument("--timeout", type=int, default=3600)
+    run_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
+    run_parser.add_argument("--worker", type=int, default=0, help="this worker's index (several share the JSON)")
+    run_parser.add_argument("--workers", type=int, default=1)
+    one_parser = commands.add_parser("one")
+    one_parser.add_argument("name")
+    one_parser.add_argument("out", type=Path)
+    requeue_parser = commands.add_parser("requeue")
+    requeue_parser.add_argument("patterns", nargs="+", help="substrings of errors; 'mismatch' for failed checks")
+    requeue_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
+    table_parser = commands.add_parser("table")
+    table_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
+    args = parser.parse_args(argv)
+    if args.command == "one":
+        one(args.name, args.out)
+    elif args.command == "requeue":
+        requeue(args.results, args.patterns)
+    elif args.command == "run":
+        run(args.only or all_models(), args.results, args.timeout, args.worker, args.workers)
+    else:
+        table(args.results, args.results.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

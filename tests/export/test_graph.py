@@ -1,0 +1,206 @@
+"""The tracer on its own: leaves, the head, layouts, the default target, naming targets, and the bad cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe
+from gradprobe import ExportError
+from gradprobe.export.graph import trace
+
+from .zoo_models import make_zoo_model
+
+
+def _trace(model, size=32, **options):
+    return trace(model.eval(), torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)), **options)
+
+
+class TimmLinear(nn.Linear):
+    """timm's Linear: a subclass torch.fx would otherwise trace into F.linear."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class SubclassHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = TimmLinear(4, 5)
+        self.flatten = nn.Identity()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.flatten(self.drop(self.fc(F.relu(self.conv(x)).mean((2, 3)))))
+
+
+def test_subclass_of_a_torch_layer_is_a_leaf_and_the_head_passes_identity():
+    graph = _trace(SubclassHead())
+    assert graph.linear_name == "fc" and graph.linear.op == "call_module"
+    assert graph.logits.target == "flatten" and graph.features is graph.linear.args[0]
+
+
+class ShapeArithmetic(nn.Module):
+    """A submodule whose forward does Python arithmetic on shapes (timm's pad_same): fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        pad = max((-(x.shape[-1] // -2) - 1) * 2 + 3 - x.shape[-1], 0)
+        if pad > 0:
+            x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        return self.conv(x)
+
+
+class WithShapeArithmetic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = ShapeArithmetic()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_untraceable_submodule_becomes_a_leaf(tmp_path):
+    graph = _trace(WithShapeArithmetic())
+    assert "stem" in {n.target for n in graph.module.graph.nodes if n.op == "call_module"}
+    gradprobe.export(WithShapeArithmetic().eval(), torch.rand(2, 3, 32, 32), tmp_path / "b", layer_grads=True)
+
+
+def test_in_place_calls_do_not_touch_the_users_model():
+    model = make_zoo_model("resnet_d")
+    graph = _trace(model)
+    assert model.relu.inplace is True and graph.module.relu.inplace is False
+
+
+def test_channels_last_head_is_not_the_target():
+    """ConvNeXt: the permute after global pooling is a 1x1 channels-last map; the target is the last stage."""
+    graph = _trace(make_zoo_model("convnext"))
+    assert graph.target_name == "block2" and graph.layout.kind == "nchw"
+    permutes = [n for n in graph.module.graph.nodes if n.op == "call_method" and n.target == "permute"]
+    assert graph.layouts[permutes[-1]].kind == "nhwc" and graph.layouts[permutes[-1]].spatial(
+        permutes[-1].meta["tensor_meta"].shape) == (1, 1)
+
+
+def test_channels_last_target_is_transposed():
+    graph = _trace(make_zoo_model("convnext"), target_layer="block2.norm")
+    assert graph.layout.kind == "nhwc"
+    value = torch.rand(2, 4, 4, 16)
+    assert torch.equal(graph.map_of(value), value.permute(0, 3, 1, 2))
+
+
+def test_concatenation_target_is_named_by_its_module():
+    graph = _trace(make_zoo_model("densenet_googlenet"))
+    assert graph.target_name == "inception" and graph.target.target is torch.cat
+
+
+def test_functional_target_is_named_by_its_node(tmp_path):
+    graph = _trace(make_zoo_model("shufflenet_regnet"))
+    assert graph.target_name == "relu_1" and graph.target.target is F.relu
+    named = _trace(make_zoo_model("shufflenet_regnet"), target_layer="node:cat")
+    assert named.target.target is torch.cat
+
+
+def test_vit_tokens_are_a_grid():
+    graph = _trace(make_zoo_model("vit"))
+    assert graph.layout.kind == "tokens" and graph.layout.grid == (4, 4) and graph.layout.prefix == 1
+    assert graph.target_name == "blocks.1.norm1"
+    explicit = _trace(make_zoo_model("vit"), target_layer="blocks.0", grid=(4, 4))
+    assert explicit.layout.prefix == 1
+
+
+def test_unknown_target_lists_candidates_with_shapes():
+    with pytest.raises(ExportError, match=r"candidates .*block2 \[2, 16, 4, 4\] NCHW"):
+        _trace(make_zoo_model("convnext"), target_layer="nope")
+
+
+def test_post_pooling_target_warns():
+    with pytest.warns(UserWarning, match="1x1 map"):
+        _trace(make_zoo_model("densenet_googlenet"), target_layer="node:adaptive_avg_pool2d")
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.aux = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return self.fc(h), self.aux(h)
+
+
+def test_several_outputs_are_refused_clearly():
+    with pytest.raises(ExportError, match="returns 2 outputs .*main head"):
+        _trace(TwoHeads())
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:  # data-dependent control flow in the model's own forward
+            x = x * 2
+        return self.fc(x.mean((2, 3)))
+
+
+class BranchingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.amax() > 0 else -self.conv(x)
+
+
+class WithBranchingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.block = BranchingBlock()
+        self.head = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.head(torch.relu(self.block(self.stem(x))))).mean((2, 3)))
+
+
+class Rounding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.round(self.conv(x) * 4)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_data_dependent_control_flow_in_forward_is_named(tmp_path):
+    with pytest.raises(ExportError, match="Branching.forward.*control flow"):
+        gradprobe.export(Branching().eval(), torch.rand(2, 3, 16, 16), tmp_path / "b")
+
+
+def test_data_dependent_control_flow_in_a_block_is_named(tmp_path):
+    with pytest.raises(ExportError, match=r"block \(BranchingBlock\).*data-dependent control flow"):
+        gradprobe.export(WithBranchingBlock().eval(), torch.rand(2, 3, 16, 16), tmp_path / "b", layer_grads=True)
+
+
+def test_non_differentiable_call_on_the_path_is_named(tmp_path):
+    gradprobe.export(Rounding().eval(), torch.rand(2, 3, 16, 16), tmp_path / "maps")  # round before the target
+    with pytest.raises(ExportError, match=r"round.*zero gradient.*degenerate"):
+        gradprobe.export(Rounding().eval(), torch.rand(2, 3, 16, 16), tmp_path / "deep", layer_grads=True)
+    with pytest.raises(ExportError, match=r"round.*zero gradient.*degenerate"):
+        gradprobe.export(Rounding().eval(), torch.rand(2, 3, 16, 16), tmp_path / "early", target_layer="conv")

@@ -1,0 +1,220 @@
+"""Every hand-written backward rule, and the generic autograd-derived rule, equal autograd on one call.
+
+Each case is a tiny module around one operation in one of its forms (module, function, method); the rule the
+registry picks for the traced call is run on the saved activations and compared with ``torch.autograd.grad``
+of the same call, and so is the generic rule (a VJP traced with make_fx) for the same call.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from gradprobe.export import rules  # noqa: F401  (registers the rules)
+from gradprobe.export.backward import RULES, Rule, Registry, supported_operations
+from gradprobe.export.generic import VJPCache
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Op(nn.Module):
+    def __init__(self, function, module: nn.Module | None = None):
+        super().__init__()
+        self.function = function
+        self.layer = module
+
+    def forward(self, x):
+        return self.function(self, x)
+
+
+def _case(layer=None, call=None):
+    if layer is not None:
+        return Op(lambda self, x: self.layer(x), layer)
+    return Op(call)
+
+
+BN = nn.BatchNorm2d(4).eval()
+with torch.no_grad():
+    BN.running_mean.uniform_(-1, 1)
+    BN.running_var.uniform_(0.5, 2)
+    BN.weight.uniform_(0.5, 1.5)
+
+CASES = {
+    "linear": (_case(nn.Linear(6, 5)), (3, 6)),
+    "linear_tokens": (_case(nn.Linear(6, 5)), (3, 4, 6)),
+    "conv_stride2": (_case(nn.Conv2d(4, 6, 3, 2, 1)), (3, 4, 9, 9)),
+    "conv_dilated_grouped": (_case(nn.Conv2d(4, 6, 3, 1, 2, dilation=2, groups=2)), (3, 4, 8, 8)),
+    "conv_functional": (_case(call=lambda self, x: F.conv2d(x, torch.ones(2, 4, 3, 3) / 9, None, 1, 1)), (3, 4, 6, 6)),
+    "batch_norm": (_case(BN), (3, 4, 5, 5)),
+    "relu": (_case(nn.ReLU()), (3, 4, 5, 5)),
+    "relu_function": (_case(call=lambda self, x: F.relu(x)), (3, 4, 5, 5)),
+    "relu_method": (_case(call=lambda self, x: x.relu()), (3, 4, 5, 5)),
+    "relu6": (_case(nn.ReLU6()), (3, 4, 5, 5)),
+    "hardtanh": (_case(call=lambda self, x: F.hardtanh(x, -0.5, 0.5)), (3, 4, 5, 5)),
+    "leaky_relu": (_case(nn.LeakyReLU(0.2)), (3, 4, 5, 5)),
+    "hardswish": (_case(nn.Hardswish()), (3, 4, 5, 5)),
+    "hardswish_function": (_case(call=lambda self, x: F.hardswish(x)), (3, 4, 5, 5)),
+    "hardsigmoid": (_case(nn.Hardsigmoid()), (3, 4, 5, 5)),
+    "silu": (_case(nn.SiLU()), (3, 4, 5, 5)),
+    "sigmoid": (_case(call=lambda self, x: x.sigmoid()), (3, 4, 5, 5)),
+    "tanh": (_case(nn.Tanh()), (3, 4, 5, 5)),
+    "gelu": (_case(nn.GELU()), (3, 4, 5, 5)),
+    "gelu_tanh": (_case(nn.GELU(approximate="tanh")), (3, 4, 5, 5)),
+    "softmax": (_case(call=lambda self, x: x.softmax(dim=-1)), (3, 4, 5)),
+    "dropout": (_case(nn.Dropout(0.3).eval()), (3, 4, 5, 5)),
+    "max_pool_overlapping": (_case(nn.MaxPool2d(3, 2, 1)), (3, 4, 9, 9)),
+    "max_pool_ceil_dilated": (_case(nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True)), (3, 4, 10, 10)),
+    "max_pool_windows": (_case(call=lambda self, x: F.max_pool2d(x, 2)), (3, 4, 8, 8)),
+    "avg_pool_resnet_d": (_case(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)), (3, 4, 7, 7)),
+    "avg_pool_padded": (_case(nn.AvgPool2d(3, 2, 1)), (3, 4, 9, 9)),
+    "adaptive_avg_pool_7": (_case(nn.AdaptiveAvgPool2d(7)), (3, 4, 2, 3)),
+    "adaptive_avg_pool_uneven": (_case(call=lambda self, x: F.adaptive_avg_pool2d(x, (3, 2))), (3, 4, 7, 5)),
+    "adaptive_avg_pool_1": (_case(call=lambda self, x: F.adaptive_avg_pool2d(x, 1)), (3, 4, 5, 5)),
+    "mean_dims": (_case(call=lambda self, x: x.mean([2, 3])), (3, 4, 5, 5)),
+    "mean_keepdim": (_case(call=lambda self, x: torch.mean(x, (2, 3), keepdim=True)), (3, 4, 5, 5)),
+    "sum_dims": (_case(call=lambda self, x: x.sum(dim=-1)), (3, 4, 5)),
+    "flatten": (_case(call=lambda self, x: torch.flatten(x, 1)), (3, 4, 5, 5)),
+    "view": (_case(call=lambda self, x: x.view(x.size(0), -1)), (3, 4, 5, 5)),
+    "permute": (_case(call=lambda self, x: x.permute(0, 2, 3, 1)), (3, 4, 5, 6)),
+    "transpose": (_case(call=lambda self, x: x.transpose(1, 2)), (3, 4, 5)),
+    "cat": (_case(call=lambda self, x: torch.cat([x, x * 2, x.sigmoid()], 1)), (3, 4, 5, 5)),
+    "chunk": (_case(call=lambda self, x: x.chunk(2, dim=1)[1] * 3), (3, 4, 5, 5)),
+    "split": (_case(call=lambda self, x: torch.split(x, [1, 3], dim=1)[0]), (3, 4, 5, 5)),
+    "unbind": (_case(call=lambda self, x: x.unbind(1)[2]), (3, 4, 5)),
+    "getitem_token": (_case(call=lambda self, x: x[:, 0]), (3, 5, 4)),
+    "getitem_slice": (_case(call=lambda self, x: x[:, 1:3, ..., None]), (3, 5, 4)),
+    "add_broadcast": (_case(call=lambda self, x: x + x.mean((2, 3), keepdim=True)), (3, 4, 5, 5)),
+    "sub": (_case(call=lambda self, x: x - x.sigmoid()), (3, 4, 5, 5)),
+    "mul_gate": (_case(call=lambda self, x: x * torch.sigmoid(x.mean((2, 3), keepdim=True))), (3, 4, 5, 5)),
+    "mul_scalar": (_case(call=lambda self, x: x * 0.5), (3, 4, 5, 5)),
+    "div": (_case(call=lambda self, x: x / (x * x + 1)), (3, 4, 5, 5)),
+}
+# calls with no hand rule: the generic rule must cover them
+GENERIC = {
+    "layer_norm": (_case(nn.LayerNorm(5)), (3, 4, 5)),
+    "group_norm": (_case(nn.GroupNorm(2, 4)), (3, 4, 5, 5)),
+    "elu": (_case(nn.ELU()), (3, 4, 5, 5)),
+    "mish": (_case(call=lambda self, x: F.mish(x)), (3, 4, 5, 5)),
+    "conv_same_padding": (_case(nn.Conv2d(4, 4, 4, padding="same")), (3, 4, 6, 6)),
+    "interpolate": (_case(call=lambda self, x: F.interpolate(x, scale_factor=2, mode="bilinear")), (3, 4, 5, 5)),
+    "roll": (_case(call=lambda self, x: torch.roll(x, (1, 2), (2, 3))), (3, 4, 5, 5)),
+    "pad": (_case(call=lambda self, x: F.pad(x, (1, 0, 2, 1))), (3, 4, 5, 5)),
+    "attention": (_case(nn.MultiheadAttention(4, 2, batch_first=True).eval()), None),
+}
+
+
+def _traced(module: nn.Module, shape):
+    graph_module = fx.symbolic_trace(module)
+    graph_module.gradprobe_batched = frozenset(graph_module.graph.nodes)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    interpreter = fx.Interpreter(graph_module, garbage_collect_values=False)
+    interpreter.run(x)
+    return graph_module, dict(interpreter.env), x
+
+
+def _nodes(graph_module):
+    return [n for n in graph_module.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+
+def _autograd(module: nn.Module, x: torch.Tensor, node_count: int):
+    """Gradient of every traced node's float inputs for a random output gradient, by autograd."""
+    x = x.clone().requires_grad_(True)
+    y = module(x)
+    y = y[0] if isinstance(y, tuple) else y
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    return torch.autograd.grad(y, x, grad)[0], grad
+
+
+def _backward(graph_module, env, x_node, output_node, grad, hand: bool):
+    """Run the rules (or the generic rule) node by node from the output back to the placeholder."""
+    from gradprobe.export.backward import Backward
+    from gradprobe.export.graph import ProbeGraph
+
+    nodes = _nodes(graph_module)
+    probe_graph = ProbeGraph(graph_module, nodes[0], nodes[0], output_node, "", "")
+    backward = Backward(probe_graph, env, nodes, set(nodes) | {x_node}, use_hand_rules=hand, cache=VJPCache())
+    return backward, backward.run(env, grad, nodes, keep={x_node})[x_node]
+
+
+def _check(name, case, hand: bool):
+    module, shape = case
+    if shape is None:  # self-attention: a leaf module returning (output, weights)
+        module = Op(lambda self, x: self.layer(x, x, x, need_weights=False)[0], case[0].layer)
+        shape = (3, 5, 4)
+    graph_module, env, x = _traced(module, shape)
+    output_node = next(n for n in graph_module.graph.nodes if n.op == "output").args[0]
+    expected, grad = _autograd(module, x, len(_nodes(graph_module)))
+    x_node = next(n for n in graph_module.graph.nodes if n.op == "placeholder")
+    backward, got = _backward(graph_module, env, x_node, output_node, grad, hand)
+    torch.testing.assert_close(got.expand_as(expected), expected, rtol=1e-5, atol=1e-6)
+    return backward
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hand_rule_matches_autograd(name):
+    backward = _check(name, CASES[name], hand=True)
+    used = [step for step in backward.steps.values() if step.rule is not None]
+    assert used, f"{name}: no hand rule was used"
+    generic = [step.node.name for step in backward.steps.values() if step.generic is not None]
+    assert not generic, f"{name}: fell back to the generic rule for {generic}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_generic_rule_matches_autograd(name):
+    """The autograd-derived rule on the same calls (what any call without a hand rule gets)."""
+    backward = _check(name, CASES[name], hand=False)
+    assert all(step.rule is None for step in backward.steps.values())
+
+
+@pytest.mark.parametrize("name", sorted(GENERIC))
+def test_calls_without_hand_rule_are_generic(name):
+    backward = _check(name, GENERIC[name], hand=True)
+    assert any(step.generic is not None for step in backward.steps.values())
+
+
+def test_generic_graphs_hold_only_forward_ops():
+    backward = _check("max_pool_overlapping", CASES["max_pool_overlapping"], hand=False)
+    for module in backward.vjps.values():
+        targets = {str(n.target) for n in module.traced.graph.nodes if n.op == "call_function"}
+        assert not [t for t in targets if "backward" in t], targets
+
+
+def test_one_rule_serves_module_function_and_method():
+    relu = RULES.by_module[nn.ReLU]
+    assert RULES.by_function[F.relu] is relu and RULES.by_function[torch.relu] is relu
+    assert RULES.by_method["relu"] is relu
+    assert RULES.by_function[operator.add].name == "add"
+
+
+def test_subclass_that_rewrites_forward_is_not_the_base_layer():
+    class Same(nn.Conv2d):
+        pass
+
+    class Rewritten(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+    node = fx.Graph().create_node("call_module", "conv", (), {})
+    assert RULES.find(node, Same(1, 1, 1)).name == "conv2d"
+    assert RULES.find(node, Rewritten(1, 1, 1)) is None
+
+
+def test_a_rule_is_registered_once():
+    registry = Registry()
+    registry.add(Rule("a", lambda call, grad: grad, modules=(nn.Identity,)))
+    with pytest.raises(ValueError, match="already has"):
+        registry.add(Rule("b", lambda call, grad: grad, modules=(nn.Identity,)))
+
+
+def test_supported_list_is_generated_into_the_readme():
+    listing = supported_operations(markdown=True)
+    assert "nn.ReLU" not in listing and "ReLU, F.relu, torch.relu, .relu()" in listing
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- rules:begin -->\n(.*?)\n<!-- rules:end -->", readme, re.S)
+    assert block, "README.md lacks the generated <!-- rules:begin --> block"
+    assert block.group(1) == listing, "README's rule list is stale: run `python -m gradprobe.export.backward`"

@@ -1,0 +1,113 @@
+"""Architectures beyond our reference models export and match autograd.
+
+- default suite (main venv, no torchvision): small models written as torchvision and timm write theirs
+  (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT),
+  every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
+  ``vmap(grad)``;
+- ``peers``: real torchvision and timm models through ``benchmarks/zoo.py`` in ``.venv-peers`` (Grad-CAM against
+  pytorch_grad_cam too); the full table is ``benchmarks/results/zoo.md``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradprobe
+from gradprobe.export.kinks import check_sqnorms
+from gradprobe.export.parity import RELATIVE, parity_errors
+from gradprobe.export.reference import ResearchReference
+
+from .test_layer_grads import vmap_sqnorms
+from .zoo_models import ZOO, make_zoo_model
+
+ROOT = Path(__file__).resolve().parents[2]
+PEERS_PYTHON = Path(os.environ.get("GRADPROBE_PEERS_PYTHON", ROOT / ".venv-peers" / "bin" / "python"))
+
+
+@pytest.fixture(scope="module")
+def zoo_bundles(tmp_path_factory):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = make_zoo_model(name)
+            example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+            path = gradprobe.export(model, example, tmp_path_factory.mktemp("zoo") / name,
+                                    layer_grads=True)
+            cache[name] = (model, gradprobe.load(path))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_model_matches_autograd(name, zoo_bundles):
+    model, probe = zoo_bundles(name)
+    images = np.random.default_rng(3).random((6, 3, 32, 32), dtype=np.float32)
+    contrast = (np.arange(6) % 11 - 1).astype(np.int64)
+    ours = probe.run(images, contrast)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+    assert parity_errors({"logits": ours.logits}, {"logits": logits})["logits"] <= RELATIVE
+    reference = ResearchReference.for_bundle(model, probe.manifest).run(images, contrast)
+    errors = parity_errors(ours.as_dict(), reference)
+    assert errors["pred"] == 0 and errors["contrast_class"] == 0
+    for key in ("label_grad_sqnorm", "confounding_grad_sqnorm", "features"):
+        assert errors[key] <= RELATIVE, (key, errors[key])
+    for spec in probe.manifest.classifier.maps:
+        expected = reference[spec.name]
+        peak = np.abs(expected).reshape(len(images), -1).max(axis=1)
+        difference = np.abs(getattr(ours, spec.name) - expected).reshape(len(images), -1).max(axis=1)
+        assert (difference <= RELATIVE * peak + 1e-7).all(), (spec.name, (difference / np.maximum(peak, 1e-12)).max())
+    assert (reference["cam"].reshape(len(images), -1).max(axis=1) > 0).any(), "every Grad-CAM map is empty"
+    layer_grads = probe.manifest.classifier.layer_grads
+    names = list(layer_grads.names)
+    x = torch.from_numpy(images)
+    identity = ([0.0] * 3, [1.0] * 3)
+    references = [vmap_sqnorms(model, images, identity, names, dtype=dtype) for dtype in (torch.float32, torch.float64)]
+    verdict = check_sqnorms(model, x, ours.layer_grad_sqnorm, references, names)
+    assert verdict["error"] <= RELATIVE, verdict
+
+
+def test_forms_cover_every_kind_of_parameter(zoo_bundles):
+    """ConvNeXt: the depthwise conv weight in Gram or tap form, the channels-last Linear as a 1x1 convolution,
+    LayerNorm and the layer scale generic; EfficientNet: the BatchNorm subclass with its activation generic."""
+    _, probe = zoo_bundles("convnext")
+    forms = dict(zip(probe.manifest.classifier.layer_grads.names, probe.manifest.classifier.layer_grads.forms))
+    assert forms["block1.gamma"] == "generic" and forms["block1.norm.weight"] == "generic"
+    assert forms["stem_norm.weight"] == "generic" and forms["block1.pwconv1.weight"] in ("gram", "tap")
+    assert forms["block1.pwconv1.bias"] == "closed" and forms["block1.dwconv.weight"] in ("gram", "tap")
+    _, probe = zoo_bundles("efficientnet")
+    forms = dict(zip(probe.manifest.classifier.layer_grads.names, probe.manifest.classifier.layer_grads.forms))
+    assert forms["bn1.weight"] == "generic" and forms["bn3.weight"] == "closed" and forms["se.fc1.bias"] == "closed"
+
+
+def test_vit_map_is_on_the_token_grid(zoo_bundles):
+    """The last blocks reach the logits only through the class token: the map is taken where patch tokens
+    still matter (the last block's norm1, as pytorch-grad-cam advises for ViTs), on the 4x4 patch grid."""
+    _, probe = zoo_bundles("vit")
+    section = probe.manifest.classifier
+    assert section.target_layer == "blocks.1.norm1" and tuple(section.target_shape) == (16, 4, 4)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "googlenet",
+                                  "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf", "timm/convnext_atto",
+                                  "timm/resnet26d", "timm/vit_tiny_patch16_224"])
+def test_real_models_in_peers_venv(name, tmp_path):
+    """One row of ``benchmarks/zoo.py`` per model: export, logits, maps, Grad-CAM vs pytorch_grad_cam, norms."""
+    if not PEERS_PYTHON.exists():
+        pytest.skip(f"peers venv not found at {PEERS_PYTHON}: run `make peers` (or set GRADPROBE_PEERS_PYTHON)")
+    out = tmp_path / "row.json"
+    completed = subprocess.run([str(PEERS_PYTHON), str(ROOT / "benchmarks" / "zoo.py"), "one", name, str(out)],
+                               capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    row = json.loads(out.read_text())
+    print(json.dumps({k: v for k, v in row.items() if k != "traceback"}))
+    assert row.get("ok"), row.get("error") or row

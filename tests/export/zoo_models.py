@@ -1,0 +1,314 @@
+"""Small models written the way torchvision and timm write theirs, for the main venv (no torchvision there).
+
+Each reproduces the operations of one family that the closed list of backward rules used to refuse: the
+overlapping max-pool stem and avg-pool downsample of ResNet-D, the hardswish/SE heads of MobileNetV3, SiLU
+and a BatchNorm subclass with its activation inside (timm's BatchNormAct2d) of EfficientNet, ConvNeXt's
+channels-last LayerNorm/Linear/GELU with a layer scale and a LayerNorm2d subclass, DenseNet/GoogLeNet's
+concatenations and functional ReLU, RegNet/ShuffleNet's GroupNorm, channel shuffle and chunk, and a tiny ViT.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResNetD(nn.Module):
+    """Stem conv s2 + BN + ReLU + MaxPool2d(3, 2, 1); a bottleneck whose shortcut is AvgPool2d(2, 2,
+    ceil_mode, count_include_pad=False) + 1x1 conv; functional pooling and torch.flatten in the head."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.reduce = nn.Conv2d(8, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 3, 2, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.expand = nn.Conv2d(4, 16, 1, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+        self.down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
+                                  nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = self.relu(self.bn2(self.reduce(x)))
+        out = self.relu(self.bn3(self.conv3(out)))
+        out = self.bn4(self.expand(out))
+        out += self.down(x)
+        out = self.relu(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, channels: int, squeeze: int, gate=nn.Hardsigmoid):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x):
+        scale = self.gate(self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return x * scale
+
+
+class MobileNetV3ish(nn.Module):
+    """Hardswish (module and functional), depthwise biased convs, an SE gate (x * hardsigmoid), ReLU6, then
+    ``x.mean([2, 3])`` -> Linear -> Hardswish -> Dropout -> Linear."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.act = nn.Hardswish()
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.se = SqueezeExcite(8, 4)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.relu6 = nn.ReLU6()
+        self.hidden = nn.Linear(12, 16)
+        self.head_act = nn.Hardswish()
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))
+        x = F.hardswish(self.bn(self.dw(x)))
+        x = self.relu6(self.pw(self.se(x)))
+        return self.fc(self.drop(self.head_act(self.hidden(x.mean([2, 3])))))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward also applies the activation."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+def drop_path(x, p: float = 0.1, training: bool = False):
+    """Stochastic depth: the identity in eval mode (a function torch.fx traces into the graph)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, 1) > p
+    return x * keep / (1 - p)
+
+
+class EfficientNetish(nn.Module):
+    """SiLU, BatchNormAct subclass leaves, an SE gate with sigmoid, drop-path residual, a 1x1 head conv."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn1 = BatchNormAct(8)
+        self.dw = nn.Conv2d(8, 8, 5, 1, 2, groups=8, bias=False)
+        self.bn2 = BatchNormAct(8)
+        self.se = SqueezeExcite(8, 2, gate=nn.Sigmoid)
+        self.project = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn4 = BatchNormAct(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.bn1(self.stem(x))
+        x = x + drop_path(self.bn3(self.project(self.se(self.bn2(self.dw(x))))))
+        return self.classifier(self.flatten(self.pool(self.bn4(self.head(x)))))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm subclass normalising the channels of an NCHW map by permuting."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.pwconv1 = nn.Linear(channels, 4 * channels)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * channels, channels)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.5))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.dwconv(x).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = x.mul(self.gamma)
+        return shortcut + x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtish(nn.Module):
+    """Channels-last blocks (permute, LayerNorm, Linear, GELU, layer scale as a Parameter), LayerNorm2d
+    downsample, and a head that permutes *after* pooling (a 1x1 channels-last map that must not be the target)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, 4)
+        self.stem_norm = LayerNorm2d(8)
+        self.block1 = ConvNeXtBlock(8)
+        self.down_norm = LayerNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 2, 2)
+        self.block2 = ConvNeXtBlock(16)
+        self.head_norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.block1(self.stem_norm(self.stem(x)))
+        x = self.block2(self.down(self.down_norm(x)))
+        x = F.adaptive_avg_pool2d(x, 1).permute(0, 2, 3, 1)
+        return self.fc(self.head_norm(x).flatten(1))
+
+
+class Inception(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.b1 = nn.Conv2d(channels, 4, 1)
+        self.b2 = nn.Sequential(nn.Conv2d(channels, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.b3 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), nn.Conv2d(channels, 4, 1))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x)], 1)
+
+
+class DenseGoogLeNetish(nn.Module):
+    """Dense concatenation with functional ReLU (DenseNet), an inception module ending in ``torch.cat`` (the
+    default target is that cat: a node, named by its module), an AvgPool2d transition."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.norm0 = nn.BatchNorm2d(8)
+        self.dense = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(12)
+        self.transition = nn.AvgPool2d(2, 2)
+        self.inception = Inception(12)
+        self.dropout = nn.Dropout(0.2)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = F.relu(self.norm0(self.conv0(x)), inplace=True)
+        x = torch.cat([x, self.dense(x)], 1)
+        x = self.transition(F.relu(self.norm1(x)))
+        x = self.inception(x)
+        x = F.adaptive_avg_pool2d(x, (1, 1))
+        return self.fc(self.dropout(torch.flatten(x, 1)))
+
+
+def channel_shuffle(x, groups: int):
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    return torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
+
+
+class ShuffleRegNetish(nn.Module):
+    """GroupNorm, grouped convs, chunk + concat, channel shuffle (view/transpose/contiguous with sizes read
+    from the input), SiLU via torch.nn.functional, and an SE gate."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.branch = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.gn2 = nn.GroupNorm(2, 4)
+        self.se = SqueezeExcite(8, 2, gate=nn.Sigmoid)
+        self.head = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.silu(self.gn(self.stem(x)))
+        left, right = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat([left, F.relu(self.gn2(self.branch(right)))], dim=1), 2)
+        x = F.relu(self.head(self.se(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attention = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
+        x = (attention.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        return self.proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding (conv, flatten(2).transpose(1, 2)), class token, position embedding, two blocks,
+    class-token pooling: the last blocks reach the logits only through the class token."""
+
+    def __init__(self, classes: int = 10, dim: int = 16, patch: int = 8, size: int = 32):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + (size // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(Block(dim), Block(dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
+       "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
+       "vit": TinyViT}
+
+
+def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
+    """A zoo model with random affine normalisation parameters and BatchNorm statistics from noise, eval mode."""
+    torch.manual_seed(seed)
+    model = ZOO[name]()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and \
+                    getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+        model.train()
+        for _ in range(2):
+            model(torch.rand(16, 3, 32, 32, generator=generator))
+        for module in model.modules():  # no near-zero variances: they would amplify rounding ~300x
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_var.clamp_(min=float(0.1 * module.running_var.mean()))
+    return model.eval()
