@@ -49,7 +49,7 @@ def conv_input_grad(grad: torch.Tensor, input_size, weight: torch.Tensor, stride
     kernel = weight.shape[2:]
     if stride == (1, 1) and all(dilation[i] * (kernel[i] - 1) >= padding[i] for i in (0, 1)):
         # the same as a plain convolution with the kernel flipped and in/out swapped (per group), which
-        # ONNX Runtime runs about 4x faster than ConvTranspose (73 ms of 145 in the deep ResNet graph)
+        # ONNX Runtime runs much faster than ConvTranspose (benchmarks/rules_speed.py)
         outputs, inputs = weight.shape[0], weight.shape[1]
         flipped = weight.reshape(groups, outputs // groups, inputs, *kernel).transpose(1, 2)
         flipped = flipped.reshape(groups * inputs, outputs // groups, *kernel).flip(-1, -2)
@@ -97,8 +97,8 @@ def batch_norm(call: Call, grad):
 
 # -------------------------------------------------------------------------------------- activations
 def relu_mask(output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    # a multiply by the 0/1 mask: ONNX Runtime's Where took 46 of 194 ms in the deep ResNet graph. The mask is
-    # read from this graph's own forward, so the gradient is the one-sided derivative of the function it computed.
+    # a multiply by the 0/1 mask, cheaper than Where in ONNX Runtime. The mask is read from this graph's own
+    # forward, so the gradient is the one-sided derivative of the function it computed.
     return grad * (output > 0).to(grad.dtype)
 
 
