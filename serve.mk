@@ -36,8 +36,8 @@ test-serve: serve-setup
 
 # Load/fault table (benchmarks/results/serve.md) and Ray 1-vs-2-actor throughput (benchmarks/results/score.md).
 bench-serve: serve-setup
-	$(SERVE_PY) benchmarks/serve_load.py
-	$(SERVE_PY) benchmarks/score_throughput.py
+	$(SERVE_PY) -m benchmarks.serve_load
+	$(SERVE_PY) -m benchmarks.score_throughput
 
 # `make test` (CI's command) runs the serving suite as well; `make test SERVE_TESTS=0` leaves it out.
 SERVE_TESTS ?= 1

@@ -14,7 +14,8 @@ import sys
 from gradprobe.base.errors import GradprobeError
 
 EVALUATION_MODULES = ("benchmarks.detection", "benchmarks.explain_faithfulness", "benchmarks.explain_speed",
-                      "benchmarks.layer_grads_bench", "benchmarks.parity_table")
+                      "benchmarks.layer_grads_bench", "benchmarks.parity_table", "benchmarks.contrastive",
+                      "benchmarks.gradcon_protocol", "benchmarks.gradcon_speed")
 
 
 def evaluations() -> dict:

@@ -9,8 +9,9 @@ at the threshold that maximises F1 on the validation set of the same outlier per
 Scores come from the deployed path: each model exported as a bundle and run with ``gradprobe.load``
 (ONNX Runtime); β = 0 is the reconstruction-only ablation (same models, same outputs).
 
-    python benchmarks/gradcon_protocol.py --epochs 100          # trains what is missing, then evaluates
-    python benchmarks/gradcon_protocol.py --quick               # CI-sized: a few dozen steps per class
+    gradprobe eval gradcon --epochs 100      # trains what is missing, then evaluates
+    gradprobe eval gradcon --quick           # CI-sized: a few dozen steps per class
+(or ``python -m benchmarks.gradcon_protocol ...``)
 """
 from __future__ import annotations
 
@@ -187,8 +188,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few dozen steps per class, small eval sets")
@@ -198,7 +198,9 @@ def main(argv=None) -> int:
     parser.add_argument("--snapshots", default="", help="also keep the models of these shorter runs, e.g. 25,50")
     parser.add_argument("--out", default=str(RESULTS), help="where gradcon.md/.json/.png go")
     parser.add_argument("--name", default=None, help="file stem (default gradcon, or gradcon-quick with --quick)")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     from gradprobe.export.gradcon import ALPHA, BETA
 
     classes = _classes(args.classes)
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     if args.train_only:
         return 0
     per_class = evaluate(classes, folder, args.threads, limit=200 if args.quick else None)
-    command = "python benchmarks/gradcon_protocol.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "gradprobe eval gradcon " + " ".join(getattr(args, "argv", sys.argv[1:]))
     epochs = sorted({r["epochs"] for r in records.values()})
     result = {
         "classes": classes, "alpha": ALPHA, "beta": BETA, "quick": args.quick, "command": command.strip(),
@@ -235,6 +237,18 @@ def main(argv=None) -> int:
     plot(result, out / f"{stem}.png")
     print(markdown(result))
     return 0
+
+
+EVALUATIONS = {"gradcon": ("GradCon anomaly detection on Fashion-MNIST under the GPND protocol, beside the seed's "
+                           "numbers and the reconstruction-only ablation", add_arguments, run)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run(args)
 
 
 def _classes(text: str) -> list[int]:

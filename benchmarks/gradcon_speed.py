@@ -9,7 +9,7 @@ Engines, on the same model and the same Fashion-MNIST test images:
 All three are warmed up, then timed call by call in turns, so drifts of the machine hit them alike; ratios
 are of medians from this one run.
 
-    python benchmarks/gradcon_speed.py [--model class-0.safetensors] [--threads 2]
+    gradprobe eval gradcon-speed [--model class-0.safetensors] [--threads 2]
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def interleave(engines: dict, x: np.ndarray, rounds: dict[str, int], warmup: dic
     return times
 
 
-def run(model_path: Path | None = None, threads: int = 2, batches=(1, 64), quick: bool = False) -> dict:
+def measure(model_path: Path | None = None, threads: int = 2, batches=(1, 64), quick: bool = False) -> dict:
     from gradprobe.data import fashion_mnist
 
     images = fashion_mnist("test")[0]
@@ -125,15 +125,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=None, help="a GradCon .safetensors (default: train briefly)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="a few rounds only: a smoke run, not a measurement")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     started = time.perf_counter()
-    result = run(args.model, args.threads, quick=args.quick)
+    result = measure(args.model, args.threads, quick=args.quick)
     result["quick"] = args.quick
     result["seconds"] = time.perf_counter() - started
     from gradprobe.base.fileio import atomic_write_text
@@ -142,6 +143,16 @@ def main(argv=None) -> int:
     atomic_write_text(args.out / "gradcon_speed.md", markdown(result))
     print(markdown(result))
     return 0
+
+
+EVALUATIONS = {"gradcon-speed": ("GradCon score latency: the deployed bundle vs eager per-sample autograd, "
+                                 "batch 1 and 64, in turns in one run", add_arguments, run)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -106,12 +106,9 @@ def _export(module: nn.Module, x, grad) -> bytes:
 
 
 def _session(data: bytes, threads: int):
-    import onnxruntime as ort
+    from gradprobe.runtime import create_backend
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return create_backend("onnxruntime", data, threads=threads, spinning=False)
 
 
 def main(threads: int = 2, blocks: int = 9) -> None:
@@ -129,13 +126,13 @@ def main(threads: int = 2, blocks: int = 9) -> None:
             sessions[kind] = _session(_export(module, x[:3], grad[:3]), threads)
             check[kind] = module.used
         feeds = {"x": x.numpy(), "grad": grad.numpy()}
-        outputs = {k: s.run(None, feeds)[0] for k, s in sessions.items()}
+        outputs = {k: next(iter(s.infer(feeds).values())) for k, s in sessions.items()}
         agree = float(np.abs(outputs["hand"] - outputs["generic"]).max() / (np.abs(outputs["hand"]).max() + 1e-30))
         times = {k: [] for k in sessions}
         for block in range(blocks):
             for kind in (("hand", "generic") if block % 2 == 0 else ("generic", "hand")):
                 started = time.perf_counter()
-                sessions[kind].run(None, feeds)
+                sessions[kind].infer(feeds)
                 times[kind].append(time.perf_counter() - started)
         row = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         row.update({"generic_over_hand": row["generic"] / row["hand"], "relative_difference": agree,

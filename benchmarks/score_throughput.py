@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 import gradprobe
+
+from .harness import timing
 from gradprobe.serve.scale import score
 
 HERE = Path(__file__).resolve().parent
@@ -76,16 +78,13 @@ def main(argv=None):
               "two_vs_one_actor": two["images_per_s"] / one["images_per_s"],
               "two_vs_one_actor_steady": two["steady_images_per_s"] / one["steady_images_per_s"]}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    timing.publish(out.name, markdown(report), report, out.parent)
 
 
 def markdown(report) -> str:
     runs, summary = report["runs"], report["mean"]
     lines = ["# `gradprobe score`: Ray Data throughput, 1 vs 2 Probe actors (local Ray, 2 CPUs)", "",
-             f"Written by `benchmarks/score_throughput.py`: {report['images']} Fashion-MNIST images in "
+             f"Written by `python -m benchmarks.score_throughput`: {report['images']} Fashion-MNIST images in "
              f"{report['files']} .npy files, batch {report['batch']}, each actor one ONNX Runtime thread; end to end "
              "per run (reading, actor start-up, scoring, Parquet), runs alternated on a 2-core machine shared with "
              "other work (load average at the end of each run in the last column). Start-up = time to the first "

@@ -7,7 +7,7 @@ thread count), interleaved so both see the same machine load. Every answer is ch
 ``Probe.run`` (lost = an error, mismatched = a different answer). Then the fault phase: clients under
 load, the server process SIGKILLed, how long each client takes to get an error, and a restart.
 
-Run in the serving venv: `make bench-serve` (or `.venv-serve/bin/python benchmarks/serve_load.py`).
+Run in the serving venv: `make bench-serve` (or `.venv-serve/bin/python -m benchmarks.serve_load`).
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 import gradprobe
+
+from .harness import timing
 from gradprobe.serve.client import ProbeClient
 from gradprobe.serve.process import HOST, ServerProcess, free_ports
 
@@ -183,17 +185,14 @@ def main(argv=None):
                           "note": "2 cores shared with other work; ratios are measured side by side in one run"},
               "server_ready_s": ready_s, "threads": args.threads, "rows": rows, "fault": fault}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    timing.publish(out.name, markdown(report), report, out.parent)
 
 
 def markdown(report) -> str:
     lines = [
         "# `gradprobe serve` under load (Triton Inference Server through PyTriton, localhost)",
         "",
-        f"Written by `benchmarks/serve_load.py`. Shipped ResNet (Fashion-MNIST), {report['rows'][0]['batch']} images "
+        f"Written by `python -m benchmarks.serve_load`. Shipped ResNet (Fashion-MNIST), {report['rows'][0]['batch']} images "
         f"per request, ONNX Runtime {report['threads']} thread(s) in the server and in-process; dynamic batching "
         "(max batch 64, 1 ms queue delay). In-process = `Probe.run` on the same batch, interleaved before and after "
         "each served phase. Lost = a request that got an error; mismatched = an answer different from `Probe.run` "

@@ -72,14 +72,9 @@ def export(names, generic: bool) -> None:
 
 
 def _session(path: Path, threads: int):
-    import onnxruntime as ort
+    from gradprobe.runtime import create_backend
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_backend("onnxruntime", path.read_bytes(), threads=threads, spinning=False)
 
 
 def _engine(bundle: Path, threads: int):
@@ -111,7 +106,7 @@ def time_model(name: str, threads: int, blocks: int, vmap_runs: int) -> dict:
     engines = {"b": _engine(folder / "maps", threads), "c": _engine(folder / "layer_grads", threads)}
     if (folder / "layer_grads_generic").exists():
         engines["c_generic"] = _engine(folder / "layer_grads_generic", threads)
-    runs = {"a": lambda: plain.run(None, {"images": images})}
+    runs = {"a": lambda: plain.infer({"images": images})}
     for key, engine in engines.items():
         runs[key] = (lambda e: lambda: e.infer(images, {"contrast": contrast}, validated=True))(engine)
     for run in runs.values():  # warm-up

@@ -75,7 +75,7 @@ def _random_feeds(model, batch: int, seed: int = 0) -> dict:
 def lint_graph(model_bytes: bytes, *, batch: int = 2, workdir: str | Path | None = None) -> LintReport:
     """Run the three checks on a serialized probe graph; see the module docstring."""
     import onnx
-    import onnxruntime as ort
+    from gradprobe.runtime import create_backend
 
     with contextlib.ExitStack() as stack:
         folder = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -102,15 +102,14 @@ def lint_graph(model_bytes: bytes, *, batch: int = 2, workdir: str | Path | None
         problems += [f"TensorRT parser: {p}" for p in tensorrt_incompatibilities(folded)]
 
         feeds = _random_feeds(model, batch)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.log_severity_level = 1, 3
         try:
-            before = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]).run(None, feeds)
-            after = ort.InferenceSession(str(sanitized), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+            before = create_backend("onnxruntime", model_bytes, threads=1).infer(feeds)
+            after = create_backend("onnxruntime", sanitized.read_bytes(), threads=1).infer(feeds)
         except Exception as error:  # ORT's own exception types; what matters is that the graph does not run
             problems.append(f"ONNX Runtime cannot run the graph on batch {batch}: {str(error)[:300]}")
             return LintReport(len(model.graph.node), len(folded.graph.node), lint, problems)
-        for output, a, b in zip(model.graph.output, before, after):
+        for output in model.graph.output:
+            a, b = before[output.name], after[output.name]
             scale = max(float(np.abs(a).max(initial=0.0)), 1e-6)
             if a.shape != b.shape or float(np.abs(a.astype(np.float64) - b).max(initial=0.0)) > 1e-4 * scale:
                 problems.append(f"sanitized graph differs from the original in {output.name!r}")

@@ -2,15 +2,13 @@
 
 - default suite (main venv): contrastive, counterfactual and Grad-CAM maps vs the per-sample autograd
   reference (CE with target Q; negated weights), for every reference model;
-- ``peers`` (needs .venv-peers, skipped visibly without it): Grad-CAM vs ``pytorch_grad_cam.GradCAM`` on the same
-  layer, run in the peers venv; its contrastive/counterfactual (custom targets) and Captum's LayerGradCam too.
+- ``peers`` (needs .venv-peers, skipped visibly without it): Grad-CAM vs ``pytorch_grad_cam.GradCAM`` and Grad-CAM++
+  vs ``GradCAMPlusPlus`` on the same layer, run in the peers venv through the harness's peers runner; its
+  contrastive/counterfactual (custom targets) and Captum's LayerGradCam are reported too.
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +17,10 @@ import gradprobe
 from gradprobe.export.reference import ResearchReference
 from gradprobe.viz import normalize_maps, upsample
 
+from benchmarks.harness import peers as peer_runner
+
 from ..reference_models import REFERENCE_MODELS
 
-ROOT = Path(__file__).resolve().parents[2]
-PEERS_PYTHON = Path(os.environ.get("GRADPROBE_PEERS_PYTHON", ROOT / ".venv-peers" / "bin" / "python"))
-PEERS_SCRIPT = ROOT / "benchmarks" / "peers" / "explain_peers.py"
 TOLERANCE = 1e-4
 MAPS = ("cam", "contrastive_cam", "counterfactual_cam")
 
@@ -70,25 +67,21 @@ def test_several_contrast_classes_match_autograd(exported, fmnist_test):
 
 
 def _peer_maps(bundle, images, contrast, folder):
-    manifest = gradprobe.load(bundle).manifest
     np.save(folder / "images.npy", images)
     np.save(folder / "contrast.npy", contrast)
-    spec = {"checkpoint": str(Path(bundle) / manifest.model.weights), "threads": 2,
-            "target_layer": manifest.classifier.target_layer,
-            "normalize": {"mean": list(manifest.input.mean), "std": list(manifest.input.std)},
-            "images": str(folder / "images.npy"), "contrast": str(folder / "contrast.npy"), "out": str(folder)}
-    (folder / "spec.json").write_text(json.dumps(spec))
-    completed = subprocess.run([str(PEERS_PYTHON), str(PEERS_SCRIPT), "maps", str(folder / "spec.json")],
-                               capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    return {path.stem: np.load(path) for path in folder.glob("*_*.npy")}
+    spec = {**peer_runner.model_spec(bundle), "images": str(folder / "images.npy"),
+            "contrast": str(folder / "contrast.npy"), "out": str(folder / "maps")}
+    peer_runner.run_peer("explain_peers.py", spec, "maps", timeout=900)
+    return {path.stem: np.load(path) for path in (folder / "maps").glob("*_*.npy")}
 
 
 @pytest.mark.peers
 @pytest.mark.parametrize("name", REFERENCE_MODELS)
 def test_gradcam_matches_pytorch_grad_cam(name, exported, fmnist_test, tmp_path):
-    if not PEERS_PYTHON.exists():
-        pytest.skip(f"peers venv not found at {PEERS_PYTHON}: run `make peers` (or set GRADPROBE_PEERS_PYTHON)")
+    try:
+        peer_runner.find_peers_python()
+    except peer_runner.PeersUnavailable as missing:
+        pytest.skip(str(missing))
     model, bundle = exported(name)
     probe = gradprobe.load(bundle)
     images = _images(fmnist_test, count=64, seed=7)
@@ -96,8 +89,12 @@ def test_gradcam_matches_pytorch_grad_cam(name, exported, fmnist_test, tmp_path)
     peers = _peer_maps(bundle, images, ours.contrast, tmp_path)
     raw = probe.run(images, ours.contrast)
     report = {}
-    for peer in ("gradcam", "captum"):
-        for kind in MAPS:
+    for peer, kinds in (("gradcam", MAPS + ("gradcam_pp",)), ("captum", MAPS)):
+        for kind in kinds:
+            if f"{peer}_{kind}" not in peers:  # Captum absent from the peers venv: reported, not compared
+                report[f"{peer}_{kind}"] = {"missing": True, "max_abs_error": 0.0,
+                                            "near_empty_error_in_typical_units": 0.0}
+                continue
             error = np.abs(getattr(ours, kind) - peers[f"{peer}_{kind}"]).reshape(len(images), -1).max(axis=1)
             peak = getattr(raw, kind).reshape(len(images), -1).max(axis=1)
             typical = np.median(peak[peak > 0]) if (peak > 0).any() else 0.0
@@ -113,4 +110,6 @@ def test_gradcam_matches_pytorch_grad_cam(name, exported, fmnist_test, tmp_path)
     failing = {k: v for k, v in report.items()
                if v["max_abs_error"] > TOLERANCE or v["near_empty_error_in_typical_units"] > TOLERANCE}
     assert "gradcam_cam" not in failing, f"{name}: Grad-CAM vs pytorch_grad_cam.GradCAM {report['gradcam_cam']}"
+    assert "gradcam_gradcam_pp" not in failing, \
+        f"{name}: Grad-CAM++ vs pytorch_grad_cam.GradCAMPlusPlus {report['gradcam_gradcam_pp']}"
     assert not failing, f"{name}: peer maps beyond {TOLERANCE}: {failing}"
