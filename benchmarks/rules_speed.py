@@ -6,18 +6,15 @@ hand rule and once with the generic rule (the call's VJP traced from autograd wi
 Runtime sessions are timed in alternation (pinned threads, spinning off, batch 32). Writes
 ``benchmarks/results/rules_speed.{json,md}``::
 
-    .venv-peers/bin/python benchmarks/rules_speed.py     # or the main venv
-Self-contained; the interleaved timing is what ``benchmarks/harness`` should provide.
+    .venv-peers/bin/python -m benchmarks.rules_speed     # or the main venv
+Timing and result files: ``benchmarks/harness``.
 """
 from __future__ import annotations
 
 import io
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -25,8 +22,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from .harness import timing
+
 BATCH = 32
 
 
@@ -128,30 +125,25 @@ def main(threads: int = 2, blocks: int = 9) -> None:
         feeds = {"x": x.numpy(), "grad": grad.numpy()}
         outputs = {k: next(iter(s.infer(feeds).values())) for k, s in sessions.items()}
         agree = float(np.abs(outputs["hand"] - outputs["generic"]).max() / (np.abs(outputs["hand"]).max() + 1e-30))
-        times = {k: [] for k in sessions}
-        for block in range(blocks):
-            for kind in (("hand", "generic") if block % 2 == 0 else ("generic", "hand")):
-                started = time.perf_counter()
-                sessions[kind].infer(feeds)
-                times[kind].append(time.perf_counter() - started)
-        row = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        engines = {kind: session.infer for kind, session in sessions.items()}
+        policies = {kind: timing.RoundsPolicy(budget_s=0.0, min_rounds=1, max_rounds=1) for kind in engines}
+        times = timing.time_interleaved(engines, feeds, policies, rounds={kind: blocks for kind in engines})
+        row = {k: timing.summarize(v)["median_ms"] for k, v in times.items()}
         row.update({"generic_over_hand": row["generic"] / row["hand"], "relative_difference": agree,
                     "rules": check})
         results[name] = row
         print(f"{name}: hand {row['hand']:.1f} ms, generic {row['generic']:.1f} ms "
               f"(x{row['generic_over_hand']:.2f}), outputs agree to {agree:.1e}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    environment = {"threads": threads, "batch": BATCH, "torch": torch.__version__, "load": os.getloadavg()}
-    (RESULTS / "rules_speed.json").write_text(json.dumps({"_environment": environment, **results}, indent=1))
+    environment = timing.environment(threads, batch=BATCH, load=os.getloadavg())
     lines = ["# Hand rule vs generic rule, one call each (ONNX Runtime, batch 32)", "",
-             f"`benchmarks/rules_speed.py`: the forward of one call plus its input gradient, exported once with the "
-             f"hand rule and once with the generic (autograd-derived, make_fx) rule; medians of {blocks} alternating "
+             f"`python -m benchmarks.rules_speed`: the forward of one call plus its input gradient, exported once with the "
+             f"hand rule and once with the generic (autograd-derived, make_fx) rule; medians of {blocks} interleaved "
              f"runs, {threads} threads, spinning off; load average {environment['load']} (a shared machine).", "",
              "| call | hand ms | generic ms | generic / hand | outputs agree |", "|---|---|---|---|---|"]
     for name, row in results.items():
         lines.append(f"| {name} | {row['hand']:.1f} | {row['generic']:.1f} | {row['generic_over_hand']:.2f} | "
                      f"{row['relative_difference']:.1e} |")
-    (RESULTS / "rules_speed.md").write_text("\n".join(lines) + "\n")
+    timing.publish("rules_speed", "\n".join(lines) + "\n", {"_environment": environment, **results})
 
 
 if __name__ == "__main__":

@@ -9,19 +9,19 @@ and, with ``--generic``, the ``layer_grads`` graph built with the generic rule o
 to measure what the hand rules buy. ONNX Runtime: intra-op threads pinned (``--threads``), spinning off,
 sequential execution; torch: the same thread count. Writes ``benchmarks/results/zoo_speed.{json,md}``.
 
-    .venv-peers/bin/python benchmarks/zoo_speed.py export   # bundles under .cache/zoo-speed (slow, once)
-    .venv-peers/bin/python benchmarks/zoo_speed.py time     # the timings, one run
-Self-contained: the interleaving and summaries here are what ``benchmarks/harness`` should provide.
+    .venv-peers/bin/python -m benchmarks.zoo_speed export   # bundles under .cache/zoo-speed (slow, once)
+    .venv-peers/bin/python -m benchmarks.zoo_speed time     # the timings, one run
+Timing, summaries and result files: ``benchmarks/harness``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
+
+from .harness import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "zoo-speed"
@@ -30,11 +30,10 @@ MODELS = ("resnet50", "efficientnet_b0", "mobilenet_v3_large", "convnext_tiny", 
 GENERIC_MODELS = ("resnet50", "mobilenet_v3_large")
 BATCH, SIZE = 32, 224
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _model(name: str):
-    from zoo import nontrivial_statistics
+    from .zoo import nontrivial_statistics
 
     import torch
     import torchvision.models
@@ -88,13 +87,8 @@ def _engine(bundle: Path, threads: int):
     return ProbeEngine(backend, manifest, max_batch=BATCH)
 
 
-def _summary(samples):
-    ordered = sorted(samples)
-    return {"p50_ms": 1e3 * statistics.median(ordered),
-            "p90_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "runs": len(ordered)}
-
-
 def time_model(name: str, threads: int, blocks: int, vmap_runs: int) -> dict:
+    """(a), (b), (c) [and the generic-only (c)] and (d) vmap(grad), interleaved by the harness in one run."""
     import numpy as np
     import torch
 
@@ -106,38 +100,25 @@ def time_model(name: str, threads: int, blocks: int, vmap_runs: int) -> dict:
     engines = {"b": _engine(folder / "maps", threads), "c": _engine(folder / "layer_grads", threads)}
     if (folder / "layer_grads_generic").exists():
         engines["c_generic"] = _engine(folder / "layer_grads_generic", threads)
-    runs = {"a": lambda: plain.infer({"images": images})}
+    runs = {"a": lambda _: plain.infer({"images": images})}
     for key, engine in engines.items():
-        runs[key] = (lambda e: lambda: e.infer(images, {"contrast": contrast}, validated=True))(engine)
-    for run in runs.values():  # warm-up
-        run()
-    samples = {key: [] for key in runs}
-    ratios = {key: [] for key in runs if key != "a"}
-    order = list(runs)
-    for block in range(blocks):  # interleaved: each block times every engine, rotating the order
-        rotated = order[block % len(order):] + order[:block % len(order)]
-        timed = {}
-        for key in rotated:
-            started = time.perf_counter()
-            runs[key]()
-            timed[key] = time.perf_counter() - started
-        for key, seconds in timed.items():
-            samples[key].append(seconds)
-            if key != "a":
-                ratios[key].append(seconds / timed["a"])
-    result = {key: _summary(values) for key, values in samples.items()}
-    result["ratio_b_a"] = statistics.median(ratios["b"])
-    result["ratio_c_a"] = statistics.median(ratios["c"])
-    if "c_generic" in ratios:
-        result["ratio_c_generic_c"] = statistics.median(
-            [g / c for g, c in zip(samples["c_generic"], samples["c"])])
-    result["vmap"] = _time_vmap(name, images, vmap_runs)
-    result["ratio_vmap_c"] = result["vmap"]["p50_ms"] / result["c"]["p50_ms"]
+        runs[key] = (lambda e: lambda _: e.infer(images, {"contrast": contrast}, validated=True))(engine)
+    runs["vmap"] = _vmap_engine(name, images)
+    policies = {key: timing.RoundsPolicy(budget_s=0.0, min_rounds=1, max_rounds=1) for key in runs}
+    rounds = {**{key: blocks for key in runs}, "vmap": vmap_runs}
+    seconds = timing.time_interleaved(runs, None, policies, rounds)
+    result = {key: timing.summarize(values) for key, values in seconds.items()}
+    medians = {key: value["median_ms"] for key, value in result.items()}
+    result["ratio_b_a"] = medians["b"] / medians["a"]
+    result["ratio_c_a"] = medians["c"] / medians["a"]
+    if "c_generic" in medians:
+        result["ratio_c_generic_c"] = medians["c_generic"] / medians["c"]
+    result["ratio_vmap_c"] = medians["vmap"] / medians["c"]
     return result
 
 
-def _time_vmap(name: str, images, runs: int) -> dict:
-    """Eager per-sample gradient norms of every parameter tensor: torch.func.vmap(grad) of the all-ones BCE."""
+def _vmap_engine(name: str, images):
+    """(d): eager per-sample gradient norms of every parameter tensor, torch.func.vmap(grad) of the all-ones BCE."""
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -152,60 +133,50 @@ def _time_vmap(name: str, images, runs: int) -> dict:
     x = torch.from_numpy(images)
     chunk = 8  # B x P per-sample gradients at once would not fit in memory for the larger models
 
-    def run():
+    def run(_):
         norms = []
         for start in range(0, len(x), chunk):
             per_sample = vmap(grad(confounding), in_dims=(None, 0))(params, x[start:start + chunk])
             norms.append(torch.stack([g.pow(2).flatten(1).sum(1) for g in per_sample.values()], 1))
         return torch.cat(norms)
 
-    run()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - started)
-    return {**_summary(samples), "chunk": chunk}
+    return run
 
 
 def timing(names, threads: int, blocks: int, vmap_runs: int) -> None:
     out = RESULTS / "zoo_speed.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    import onnxruntime
-    import torch
-
-    results["_environment"] = {"cpus": os.cpu_count(), "threads": threads, "batch": BATCH, "size": SIZE,
-                               "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                               "load_average_at_start": os.getloadavg()}
+    results["_environment"] = timing.environment(threads, batch=BATCH, size=SIZE,
+                                                 load_average_at_start=os.getloadavg())
     for name in names:
         started = time.perf_counter()
         results[name] = time_model(name, threads, blocks, vmap_runs)
         print(f"{name}: b/a {results[name]['ratio_b_a']:.3f}, c/a {results[name]['ratio_c_a']:.2f}, "
               f"vmap/c {results[name]['ratio_vmap_c']:.2f} ({time.perf_counter() - started:.0f} s)", flush=True)
-        out.write_text(json.dumps(results, indent=1))
+        timing.write_results("zoo_speed", table(results), results)
     results["_environment"]["load_average_at_end"] = os.getloadavg()
-    out.write_text(json.dumps(results, indent=1))
-    table(results)
+    timing.publish("zoo_speed", table(results), results)
 
 
-def table(results: dict) -> None:
+def table(results: dict) -> str:
     env = results["_environment"]
     lines = ["# Probe graph cost on torchvision models (batch 32, 224x224)", "",
-             f"`benchmarks/zoo_speed.py`, one run per model with the engines interleaved in blocks; ONNX Runtime "
+             f"`python -m benchmarks.zoo_speed time`, one run per model with the engines interleaved by the harness; "
+             f"ONNX Runtime "
              f"{env['onnxruntime']} with {env['threads']} intra-op threads, spinning off; torch {env['torch']} with "
              f"{env['threads']} threads. Load average {env['load_average_at_start']} at start: the machine is "
-             "shared, so absolute times are noisy; the ratios come from the same blocks.", "",
-             "| model | (a) ORT forward p50 ms | (b) probe, last layer + maps p50 ms | **(b)/(a)** | (c) layer_grads "
-             "p50 ms | (c)/(a) | (d) vmap(grad) p50 ms | (d)/(c) | generic-only (c)/(c) |",
+             "shared, so absolute times are noisy; the ratios are of medians measured side by side.", "",
+             "| model | (a) ORT forward median ms | (b) probe, last layer + maps median ms | **(b)/(a)** | (c) layer_grads "
+             "median ms | (c)/(a) | (d) vmap(grad) median ms | (d)/(c) | generic-only (c)/(c) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, row in results.items():
         if name.startswith("_"):
             continue
         generic = f"{row['ratio_c_generic_c']:.2f}" if "ratio_c_generic_c" in row else "—"
-        lines.append(f"| {name} | {row['a']['p50_ms']:.0f} | {row['b']['p50_ms']:.0f} | **{row['ratio_b_a']:.3f}** | "
-                     f"{row['c']['p50_ms']:.0f} | {row['ratio_c_a']:.2f} | {row['vmap']['p50_ms']:.0f} | "
+        lines.append(f"| {name} | {row['a']['median_ms']:.0f} | {row['b']['median_ms']:.0f} | **{row['ratio_b_a']:.3f}** | "
+                     f"{row['c']['median_ms']:.0f} | {row['ratio_c_a']:.2f} | {row['vmap']['median_ms']:.0f} | "
                      f"{row['ratio_vmap_c']:.2f} | {generic} |")
-    (RESULTS / "zoo_speed.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
@@ -222,7 +193,7 @@ def main(argv=None) -> None:
     elif args.command == "time":
         timing(args.models, args.threads, args.blocks, args.vmap_runs)
     else:
-        table(json.loads((RESULTS / "zoo_speed.json").read_text()))
+        timing.write_results("zoo_speed", table(json.loads((RESULTS / "zoo_speed.json").read_text())))
 
 
 if __name__ == "__main__":
