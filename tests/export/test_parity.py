@@ -46,6 +46,10 @@ def test_ort_matches_autograd(name, batch, kind, exported, fmnist_test):
         ours_map, expected = getattr(ours, kind_of_map), reference[kind_of_map]
         peak = np.abs(expected).reshape(batch, -1).max(axis=1)
         difference = np.abs(ours_map - expected).reshape(batch, -1).max(axis=1)
-        assert (difference <= RELATIVE * peak + 1e-7).all(), (kind_of_map, (difference / np.maximum(peak, 1e-12)).max())
+        # a near-empty map (peak under 5 % of a typical one) is a sum of terms that cancel: its float32 rounding
+        # is of the typical map's size, so it is held to the bound in units of the typical peak
+        typical = np.median(peak[peak > 0]) if (peak > 0).any() else 0.0
+        scale = np.where(peak < 0.05 * typical, typical, peak)
+        assert (difference <= RELATIVE * scale + 1e-7).all(), (kind_of_map, (difference / np.maximum(scale, 1e-12)).max())
     if batch == 64:  # the maps under test are not degenerate
         assert (reference["cam"] > 0).mean() > 0.2 and (reference["contrastive_cam"] > 0).mean() > 0.05

@@ -34,7 +34,7 @@ def test_result_shapes_and_names(bundles, fmnist_test):
     assert result.pred_names == [probe.class_names[i] for i in result.pred]
     np.testing.assert_allclose(result.probs.sum(1), 1, rtol=1e-5)
     assert (result.contrast_class != result.pred).all()  # default Q is the runner-up, never P
-    assert "layer4.1.relu2" in repr(probe) and probe.providers == ["CPUExecutionProvider"]
+    assert "target_layer='layer4'" in repr(probe) and probe.providers == ["CPUExecutionProvider"]
     with pytest.raises(AttributeError, match="no output 'nonsense'"):
         result.nonsense
 
