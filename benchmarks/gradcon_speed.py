@@ -14,7 +14,6 @@ are of medians from this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from .harness import timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {"deployed": "deployed bundle: gradprobe.load(...).run (ONNX Runtime)",
@@ -61,22 +62,6 @@ def build(model_path: Path | None, threads: int, workdir: Path) -> tuple[dict, s
             "autograd": lambda x: autograd_reference(model, torch.from_numpy(x))}, origin
 
 
-def interleave(engines: dict, x: np.ndarray, rounds: dict[str, int], warmup: dict[str, int]) -> dict[str, list]:
-    """Seconds per call for each engine, timed in turns (each turn visits every engine that still has rounds
-    left, in a rotating order) after its warm-up calls."""
-    for name, fn in engines.items():
-        for _ in range(warmup[name]):
-            fn(x)
-    times, names = {name: [] for name in engines}, list(engines)
-    for turn in range(max(rounds.values())):
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
-            if len(times[name]) < rounds[name]:
-                start = time.perf_counter()
-                engines[name](x)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def measure(model_path: Path | None = None, threads: int = 2, batches=(1, 64), quick: bool = False) -> dict:
     from gradprobe.data import fashion_mnist
 
@@ -87,25 +72,20 @@ def measure(model_path: Path | None = None, threads: int = 2, batches=(1, 64), q
         engines, origin = build(model_path, threads, Path(workdir))
         for batch in batches:
             x = np.ascontiguousarray(images[:batch])
-            times = interleave(engines, x, (QUICK_ROUNDS if quick else ROUNDS)[batch], WARMUP)
-            for name, seconds in times.items():
-                ms = np.asarray(seconds) * 1e3
-                rows.append({"engine": name, "batch": batch, "n": len(ms), "median_ms": float(np.median(ms)),
-                             "p90_ms": float(np.percentile(ms, 90)),
-                             "ms_per_image": float(np.median(ms)) / batch})
-    medians = {(r["batch"], r["engine"]): r["median_ms"] for r in rows}
-    ratios = [{"batch": b, "autograd/deployed": medians[b, "autograd"] / medians[b, "deployed"],
-               "torch_graph/deployed": medians[b, "torch_graph"] / medians[b, "deployed"]} for b in batches]
-    import onnxruntime
-    import torch
-
+            policies = {name: timing.RoundsPolicy(0.0, 1, 1, warmup=WARMUP[name]) for name in engines}
+            seconds = timing.time_interleaved(engines, x, policies, (QUICK_ROUNDS if quick else ROUNDS)[batch])
+            for name, values in seconds.items():
+                summary = timing.summarize(values)
+                rows.append({"engine": name, "batch": batch, **summary,
+                             "ms_per_image": summary["median_ms"] / batch})
+    ratios = timing.compose_ratios(rows, [("autograd/deployed", "autograd", "deployed"),
+                                          ("torch_graph/deployed", "torch_graph", "deployed")])
     return {"model": origin, "threads": threads, "rows": rows, "ratios": ratios, "labels": LABELS,
             "load_average_before": load_before, "load_average_after": [round(v, 2) for v in os.getloadavg()],
-            "cpu_count": os.cpu_count(),
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            "method": "warm-up, then single calls timed in turns across the three engines "
-                      f"(time.perf_counter); ORT spinning off, {threads} intra-op threads; "
-                      f"torch.set_num_threads({threads}); medians; ratios of medians"}
+            "cpu_count": os.cpu_count(), "environment": timing.environment(threads),
+            "method": "warm-up, then single calls interleaved across the three engines by benchmarks.harness; "
+                      f"ORT spinning off, {threads} intra-op threads; torch.set_num_threads({threads}); medians; "
+                      "ratios of medians"}
 
 
 def markdown(result: dict) -> str:
@@ -137,11 +117,7 @@ def run(args) -> int:
     result = measure(args.model, args.threads, quick=args.quick)
     result["quick"] = args.quick
     result["seconds"] = time.perf_counter() - started
-    from gradprobe.base.fileio import atomic_write_text
-
-    atomic_write_text(args.out / "gradcon_speed.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out / "gradcon_speed.md", markdown(result))
-    print(markdown(result))
+    timing.publish("gradcon_speed", markdown(result), result, args.out)
     return 0
 
 
