@@ -1,6 +1,7 @@
 """Which ONNX nodes TensorRT's ONNX parser accepts: the probe graph must stay inside this set.
 
-The allow-list is the subset of onnx-tensorrt's supported operators that a probe graph can need.
+The allow-list is the subset of onnx-tensorrt's supported operators (docs/operators.md of TensorRT 10,
+opsets 9 to 20) that a probe graph can need.
 Beyond the op type, TensorRT rejects loss ops, MaxPool's indices output and reduce axes that are
 not constants, so those are checked too.
 """
@@ -8,11 +9,11 @@ from __future__ import annotations
 
 TENSORRT_OPS = frozenset("""
 Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Clip Concat Constant ConstantOfShape Conv
-ConvTranspose Div Equal Erf Exp Expand Flatten Gather GatherElements GatherND Gemm GlobalAveragePool
-GlobalMaxPool Greater GreaterOrEqual Identity LeakyRelu Less LessOrEqual Log MatMul Max MaxPool Min Mul Neg
-Not Or Pad Pow Range Reciprocal ReduceL1 ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize Shape Sigmoid Slice Softmax Split Sqrt Squeeze Sub Sum Tanh TopK
-Transpose Unsqueeze Where
+ConvTranspose Div Einsum Elu Equal Erf Exp Expand Flatten Gather GatherElements GatherND Gelu Gemm
+GlobalAveragePool GlobalMaxPool Greater GreaterOrEqual GroupNormalization HardSigmoid HardSwish Identity
+InstanceNormalization LayerNormalization LeakyRelu Less LessOrEqual Log MatMul Max MaxPool Min Mul Neg Not Or Pad
+Pow Range Reciprocal ReduceL1 ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu
+Reshape Resize Shape Sigmoid Slice Softmax Softplus Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze Where
 """.split())
 
 _REDUCE_WITH_AXES_INPUT = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
@@ -32,6 +33,8 @@ def tensorrt_incompatibilities(model) -> list[str]:
             problems.append(f"{label} is not supported by TensorRT's ONNX parser")
         elif node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
             problems.append(f"{label} outputs indices")
+        elif node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
+            problems.append(f"{label} outputs its mean or inverse standard deviation (TensorRT gives only Y)")
         elif node.op_type in _REDUCE_WITH_AXES_INPUT and len(node.input) > 1 and node.input[1] \
                 and node.input[1] not in constants:
             problems.append(f"{label} takes its axes from a computed tensor")

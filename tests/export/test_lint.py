@@ -16,6 +16,7 @@ from gradprobe.export.lint import lint_graph  # noqa: E402
 
 from ..reference_models import REFERENCE_MODELS  # noqa: E402
 from .test_layer_grads import ConvZoo  # noqa: E402
+from .zoo_models import ZOO, make_zoo_model  # noqa: E402
 
 
 class MBConvNet(nn.Module):
@@ -42,6 +43,8 @@ class MBConvNet(nn.Module):
 
 def _zoo_model(name: str) -> nn.Module:
     torch.manual_seed(0)
+    if name in ZOO:  # ours, written the way torchvision and timm write theirs; statistics drawn already
+        return make_zoo_model(name)
     if name == "conv-zoo":
         model = ConvZoo()
     elif name == "mbconv":
@@ -76,11 +79,11 @@ def test_deep_probe_graph_passes_nvidia_lint(bundles):
     _check((bundles["deep"] / "probe.onnx").read_bytes())
 
 
-@pytest.mark.parametrize("name", ["conv-zoo", "mbconv", "resnet18", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["conv-zoo", "mbconv", *sorted(ZOO), "resnet18", "efficientnet_b0"])
 def test_zoo_probe_graphs_pass_nvidia_lint(name, tmp_path, fmnist_test):
     model = _zoo_model(name)
-    channels = 3 if name in ("resnet18", "efficientnet_b0") else 1
-    size = 64 if channels == 3 else 28
+    channels = 1 if name in ("conv-zoo", "mbconv") else 3
+    size = {1: 28, 3: 32 if name in ZOO else 64}[channels]
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0)).numpy()
     # conv-zoo with every per-layer norm; the others with the maps (the backward to the target layer).
     path = gradprobe.export(model, example, tmp_path / name, layer_grads=name == "conv-zoo")
