@@ -84,9 +84,12 @@ def _adaptive_avg_pool_backward(grad_output, self):
 
 def decompositions() -> dict:
     """Core aten decompositions plus the backward ops core aten leaves whole, as the hand rules compute them."""
-    from torch._decomp import core_aten_decompositions
+    from torch._decomp import core_aten_decompositions, get_decompositions
 
     table = dict(core_aten_decompositions())
+    # LayerNorm as mean/var/rsqrt: the backward reads the forward's mean and rstd, and ONNX's
+    # LayerNormalization outputs them only as extra outputs, which TensorRT's parser refuses
+    table.update(get_decompositions([aten.native_layer_norm.default]))
     table[aten.convolution_backward.default] = _conv_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool_backward
