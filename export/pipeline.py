@@ -272,7 +272,7 @@ def describe(prepared: Prepared, graph: ProbeGraph, probe: ProbeModule, outputs:
     target_shape = tuple(outputs[probe.maps[0].name].shape[1:])
     section = ClassifierSection(
         class_names=tuple(class_names), target_layer=graph.target_name,
-        target_shape=(int(graph.target.meta["tensor_meta"].shape[1]), *target_shape), linear=graph.linear_name,
+        target_shape=(_map_channels(graph), *target_shape), linear=graph.linear_name,
         features=int(outputs["features"].shape[1]), maps=probe.maps, layer_grads=layer_grads)
     config = getattr(model, "config", None)
     return Manifest(
@@ -286,6 +286,12 @@ def describe(prepared: Prepared, graph: ProbeGraph, probe: ProbeModule, outputs:
                         config if isinstance(config, dict) else None),
         files={}, gradprobe_version=gradprobe.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _map_channels(graph: ProbeGraph) -> int:
+    """K of the target's map [B, K, u, v]: dim 1 of an NCHW activation, the last of NHWC and token layouts."""
+    shape = graph.target.meta["tensor_meta"].shape
+    return int(graph.map_of(torch.empty(tuple(shape), device="meta")).shape[1])
 
 
 def _weights(model: nn.Module, prepared: Prepared, class_names) -> dict[str, bytes]:
