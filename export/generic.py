@@ -228,9 +228,10 @@ def trace_batch(values, avoid=()) -> int:
     return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
-class _EvalBatchNorm(torch.overrides.TorchFunctionMode):
-    """Eval-mode ``F.batch_norm`` as plain arithmetic: vmap has no batching rule for the aten op and would
-    unroll a loop over the trace batch (a graph only valid at that batch size)."""
+class _PlainNorms(torch.overrides.TorchFunctionMode):
+    """Eval-mode ``F.batch_norm`` and ``F.group_norm`` as plain arithmetic under vmap: vmap has no batching
+    rule for the batch_norm op and would unroll a loop over the trace batch, and group_norm's batching rule
+    folds the batch into a constant size (either way a graph only valid at that batch size)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -238,14 +239,31 @@ class _EvalBatchNorm(torch.overrides.TorchFunctionMode):
             names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
             bound = dict(zip(names, args), **kwargs)
             if not bound.get("training", False) and bound.get("running_var") is not None:
-                x = bound["input"]
-                shape = (1, -1) + (1,) * (x.dim() - 2)
-                scale = torch.rsqrt(bound["running_var"] + bound.get("eps", 1e-5))
-                if bound.get("weight") is not None:
-                    scale = scale * bound["weight"]
-                y = (x - bound["running_mean"].reshape(shape)) * scale.reshape(shape)
-                return y + bound["bias"].reshape(shape) if bound.get("bias") is not None else y
+                return _eval_batch_norm(**bound)
+        if func is F.group_norm:
+            names = ("input", "num_groups", "weight", "bias", "eps")
+            return _group_norm(**dict(zip(names, args), **kwargs))
         return func(*args, **kwargs)
+
+
+def _affine(y: torch.Tensor, weight, bias) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    y = y * weight.reshape(shape) if weight is not None else y
+    return y + bias.reshape(shape) if bias is not None else y
+
+
+def _eval_batch_norm(input, running_mean, running_var, weight=None, bias=None, eps=1e-5, **_):
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
+    return _affine(y, weight, bias)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    grouped = input.reshape(input.shape[0], num_groups, -1)  # under vmap, one sample: the size is 1
+    mean = grouped.mean(dim=-1, keepdim=True)
+    variance = (grouped - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = ((grouped - mean) * torch.rsqrt(variance + eps)).reshape(input.shape)
+    return _affine(y, weight, bias)
 
 
 def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
@@ -509,7 +527,7 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
             _, pullback = torch.func.vjp(apply, *chosen)
             return tuple((t * t).sum() for t in pullback(g.unsqueeze(0)))
 
-        with _EvalBatchNorm():
+        with _PlainNorms():
             columns = torch.func.vmap(one)(*[values[i] for i in batched_slots], grad)
         # stacked outside vmap: a stack under vmap traces to aten.empty_permuted, which the ONNX exporter lacks
         return torch.stack(columns, dim=1)

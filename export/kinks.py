@@ -12,7 +12,8 @@ So the oracle (``check_sqnorms``), instead of depending on which side a given CP
 samples whose norms disagree, looks for activations within ``MARGIN`` (relative to the activation's RMS) of
 a kink in a float64 forward, and accepts the sample if the reference taken on the other side of some of those
 kinks agrees (flips tried closest first, kept when they bring the reference closer; up to ``MAX_KINKS``).
-``kink_margin`` is what the export's verification uses to tell samples at a kink.
+``kink_margin`` is what the export's verification uses to tell samples at a kink (float64 distances, in units
+of ``MARGIN`` or of the float32 forward's own drift there, whichever is larger).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from .parity import ABSOLUTE_FLOOR, RELATIVE
 #: Pre-activations closer than this to a kink, relative to the RMS of the activation's input, are "at a kink".
 MARGIN = 1e-5
 MAX_KINKS = 32
+#: ``kink_margin`` also counts as at a kink what lies within this many times the float32 forward's own drift
+#: from the float64 one (another float32 engine drifts by a similar amount, in its own direction).
+DRIFT = 4.0
 #: Max-pooling's kinks: a window whose two largest values are within rounding of each other routes the
 #: gradient to one or the other.
 MAX_POOL = "max_pool"
@@ -169,20 +173,52 @@ def near_kinks(graph_module: fx.GraphModule, x: torch.Tensor, margin: float = MA
     return found
 
 
-def kink_margin(graph_module: fx.GraphModule, x: torch.Tensor) -> np.ndarray:
-    """Per sample, the smallest distance of any activation input to one of its kinks (or of a max-pool window's
-    two largest values to each other), relative to that activation's RMS over the sample."""
+def _kink_inputs(graph_module: fx.GraphModule, x: torch.Tensor) -> tuple[dict, dict]:
+    """The kinked calls {node: kink points} and their inputs on ``x``."""
     kinks = _activation_kinks(graph_module)
     interpreter = _Sided(graph_module, kinks)
     with torch.no_grad():
         interpreter.run(x)
+    return kinks, interpreter.inputs
+
+
+def _drift(exact: torch.Tensor, rounded: torch.Tensor) -> np.ndarray:
+    """Per sample, the RMS of float32 - float64 over an activation relative to the activation's RMS: the
+    spread of one float32 engine's rounding there."""
+    exact, rounded = exact.reshape(len(exact), -1).double(), rounded.reshape(len(rounded), -1).double()
+    rms = exact.pow(2).mean(dim=1).sqrt().clamp_min(1e-30)
+    return ((rounded - exact).pow(2).mean(dim=1).sqrt() / rms).numpy()
+
+
+def kink_margin(graph_module: fx.GraphModule, x: torch.Tensor, rounded: fx.GraphModule | None = None) -> np.ndarray:
+    """Per sample, how close its network comes to a kink, in units of the distance that counts as "at" one
+    (below 1: at a kink): the smallest distance of an activation input to one of its kinks (or of a max-pool
+    window's two largest values to each other), relative to that activation's RMS over the sample.
+
+    The unit is ``MARGIN``; with ``rounded`` (the same traced model in float32, ``graph_module`` then in float64)
+    it is at least ``DRIFT`` times how far the float32 forward itself is from the exact one at that activation:
+    deep in a network float32 activations drift by more than ``MARGIN`` (ShuffleNetV2's last conv: 2e-5 of
+    the RMS), so two float32 engines land on different sides of kinks that far away, and a float32 forward
+    would not even measure the distance right."""
+    kinks, inputs = _kink_inputs(graph_module, x)
+    drifts = {}
+    if rounded is not None:
+        _, approximate = _kink_inputs(rounded, x.float())
+        by_name = {node.name: value for node, value in approximate.items()}
+        drifts = {node: _drift(value, by_name[node.name]) for node, value in inputs.items()
+                  if _per_sample(value, x) and _per_sample(by_name.get(node.name), x)}
     margins = np.full(len(x), np.inf)
-    for node, value in interpreter.inputs.items():
-        if value is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != len(x):
+    for node, value in inputs.items():
+        if not _per_sample(value, x):
             continue
         distance, _, _ = _distances(graph_module, node, kinks[node], value)
-        margins = np.minimum(margins, distance.min(dim=1).values.numpy())
+        unit = np.maximum(MARGIN, DRIFT * drifts.get(node, 0.0))
+        margins = np.minimum(margins, distance.min(dim=1).values.numpy() / unit)
     return margins
+
+
+def _per_sample(value, x: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(x)
 
 
 def _sqnorms_with_sides(graph_module, x, names, sides, loss: str) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from gradprobe.base.errors import ExportError
 from gradprobe.base.manifest import TensorSpec
@@ -50,6 +51,15 @@ def _linear_bias(graph: ProbeGraph):
         return graph.module.get_submodule(node.target).bias
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     return bias
+
+
+def _fixed_sizes(first: dict, second: dict):
+    """The sizes of tensor dimensions that are the same in two runs at different batch sizes (the dimensions
+    that do not follow the batch), over every node's value and the tensors inside tuple outputs."""
+    for node, value in first.items():
+        for a, b in zip(pytree.tree_leaves(value), pytree.tree_leaves(second.get(node))):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim():
+                yield from (int(x) for x, y in zip(a.shape, b.shape) if x == y)
 
 
 class ProbeModule(nn.Module):
@@ -101,16 +111,17 @@ class ProbeModule(nn.Module):
                               + (f"; also {cache.zero[1:]}" if len(cache.zero) > 1 else ""))
 
     def _example_env(self, example: torch.Tensor) -> dict:
-        """Every node's value on the example images, cycled to a batch size that no other dimension of any
-        activation equals: the generic rule traces these values with symbolic shapes, and duck sizing would
-        tie the batch to an equal dimension (feasibility.md: then the exporter silently fixes the batch)."""
-        for batch in (7, 11, 13, 17, 19, 23, 29, 31):
-            with torch.no_grad():
-                env = self.run_graph(example[torch.arange(batch) % len(example)])
-            taken = {int(size) for value in env.values() if isinstance(value, torch.Tensor) for size in value.shape[1:]}
-            if batch not in taken:
-                self.example_batch, self.activation_sizes = batch, frozenset(taken)
-                return env
+        """Every node's value on the example images, cycled to a batch size that no batch-independent dimension
+        of any activation equals: the generic rule traces these values with symbolic shapes, and duck sizing
+        would tie the batch to an equal dimension (feasibility.md: then the exporter silently fixes the batch).
+        Dimensions that follow the batch (a ViT's permuted qkv holds it second) are told apart by a second run."""
+        with torch.no_grad():
+            envs = {b: self.run_graph(example[torch.arange(b) % len(example)]) for b in (7, 11)}
+            fixed = frozenset(_fixed_sizes(envs[7], envs[11]))
+            for batch in (7, 11, 13, 17, 19, 23, 29, 31):
+                if batch not in fixed:
+                    self.example_batch, self.activation_sizes = batch, fixed
+                    return envs.get(batch) or self.run_graph(example[torch.arange(batch) % len(example)])
         raise ExportError("every candidate batch size (7..31) is also a dimension of some activation")
 
     def _plan_generic_norms(self, env: dict) -> None:
@@ -139,6 +150,7 @@ class ProbeModule(nn.Module):
         interpreter = fx.Interpreter(self.graph_module, garbage_collect_values=False)
         interpreter.run(x)
         return dict(interpreter.env)
+
 
     def forward(self, images: torch.Tensor, contrast: torch.Tensor) -> dict:
         env = self.run_graph((images - self.mean) / self.std)

@@ -435,6 +435,11 @@ def getitem(call: Call, grad):
         if item is None:
             grad = grad.squeeze(position)
             continue
+        if isinstance(item, slice) and item.start is None and item.stop is None:
+            # the whole dimension: nothing to pad, and its size is never read (``slice.indices`` of the
+            # symbolic batch would make the exporter fix the batch size)
+            position += 1
+            continue
         size = x.shape[position]
         if isinstance(item, int):
             start = item % size

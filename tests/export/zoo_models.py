@@ -286,9 +286,46 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class GhostModule(nn.Module):
+    """timm's GhostModule: a primary conv, a cheap depthwise conv on its output, the two concatenated and
+    sliced back to an odd channel count (``out[:, :out_chs, :, :]``: a slice whose batch entry is ``:``)."""
+
+    def __init__(self, channels: int, out_chs: int):
+        super().__init__()
+        self.out_chs = out_chs
+        init = (out_chs + 1) // 2
+        self.primary = nn.Sequential(nn.Conv2d(channels, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False), nn.BatchNorm2d(init),
+                                   nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        out = torch.cat([x1, self.cheap(x1)], dim=1)
+        return out[:, :self.out_chs, :, :]
+
+
+class GhostNetish(nn.Module):
+    """Two ghost modules (odd widths) with a residual, timm's GhostNet head: pool, 1x1 conv, ReLU, flatten."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.ghost1 = GhostModule(8, 11)
+        self.ghost2 = GhostModule(11, 8)
+        self.conv_head = nn.Conv2d(8, 24, 1)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = x + self.ghost2(self.ghost1(x))
+        x = F.relu(self.conv_head(F.adaptive_avg_pool2d(x, 1)))
+        return self.fc(x.flatten(1))
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
-       "vit": TinyViT}
+       "vit": TinyViT, "ghostnet": GhostNetish}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
