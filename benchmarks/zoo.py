@@ -287,6 +287,17 @@ def check(name: str, workdir: Path) -> dict:
     return row
 
 
+def float32_limited(row: dict) -> bool:
+    """A failing row whose only misses are maps within twice float32 autograd's own error against float64:
+    the graph is float32 too, so that is the precision it can have on this model (reported, not a pass)."""
+    if not row.get("export") or row.get("ok") or "map_errors" not in row:
+        return False
+    own = row.get("float32_reference_map_errors") or {}
+    maps_ok = all(error <= max(TOLERANCE, 2 * own.get(name, 0.0)) for name, error in row["map_errors"].items())
+    others = dict(row, map_errors={name: 0.0 for name in row["map_errors"]})
+    return bool(maps_ok and _passes(others))
+
+
 def _passes(row: dict) -> bool:
     return bool(row["logits_error"] <= TOLERANCE and max(row["map_errors"].values()) <= TOLERANCE
                 and row.get("gradcam_error_of_peak", row["gradcam_error"]) <= TOLERANCE
@@ -399,16 +410,19 @@ def table(results: Path, out: Path) -> None:
         cnn = {k: v for k, v in chosen.items() if not v.get("transformer")}
         passed = [k for k, v in cnn.items() if v.get("ok")]
         tpassed = [k for k, v in chosen.items() if v.get("transformer") and v.get("ok")]
+        limited = [k for k, v in chosen.items() if float32_limited(v)]
         lines += [f"## {title}", "",
                   f"CNNs: {len(passed)}/{len(cnn)} pass ({100 * len(passed) / max(len(cnn), 1):.1f} %); "
-                  f"transformers: {len(tpassed)}/{len(chosen) - len(cnn)}.", "",
+                  f"transformers: {len(tpassed)}/{len(chosen) - len(cnn)}; failing only by maps within twice "
+                  f"float32 autograd's own error: {', '.join(sorted(limited)) or 'none'}.", "",
                   "| model | family | params | input | export | target [K, u, v] | logits | maps | Grad-CAM | "
                   "layer_grads | norm forms | result |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name in sorted(chosen, key=lambda n: (chosen[n]["family"], n)):
             row = chosen[name]
             if not row.get("export"):
-                lines.append(f"| {name} | {row['family']} | {row.get('params', '')} | {row.get('input', '')} | no | "
+                params = f"{row['params'] / 1e6:.1f} M" if row.get("params") else ""
+                lines.append(f"| {name} | {row['family']} | {params} | {row.get('input', '')} | no | "
                              f"| | | | | | {row.get('error', '')[:600].replace('|', '/').replace(chr(10), ' ')} |")
                 continue
             maps = max(row["map_errors"].values()) if row.get("map_errors") else None
@@ -420,7 +434,7 @@ def table(results: Path, out: Path) -> None:
                          f"{_fmt(row.get('gradcam_error_of_peak', row.get('gradcam_error')))} | "
                          f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'}"
                          f"{kinks} | {forms} | "
-                         f"{'pass' if row.get('ok') else 'FAIL'} |")
+                         f"{'pass' if row.get('ok') else 'FAIL (float32-limited)' if float32_limited(row) else 'FAIL'} |")
         lines.append("")
     out.write_text("\n".join(lines) + "\n")
 
