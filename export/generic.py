@@ -317,10 +317,18 @@ def _portable(traced: fx.GraphModule) -> None:
     traced.recompile()
 
 
+#: Ops that read only a tensor's shape, dtype or device: a result built from them (round's backward,
+#: ``zeros_like(grad)``) does not depend on the gradient's values.
+_SHAPE_ONLY = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.zeros_like.default,
+               aten.empty_like.default, aten.ones_like.default, aten.full_like.default, aten.new_zeros.default,
+               aten.new_empty.default, aten.new_full.default}
+
+
 def _depends_on(traced: fx.GraphModule, placeholders: set) -> bool:
+    """Whether the output depends on the values of ``placeholders`` (not only on their shapes)."""
     reached = set(placeholders)
     for node in traced.graph.nodes:
-        if any(n in reached for n in node.all_input_nodes):
+        if node.target not in _SHAPE_ONLY and any(n in reached for n in node.all_input_nodes):
             reached.add(node)
     output = next(n for n in traced.graph.nodes if n.op == "output")
     return any(n in reached for n in pytree.tree_leaves(output.args[0]) if isinstance(n, fx.Node))
@@ -536,7 +544,27 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
     parameters = [_attribute(graph_module, name).detach() for name in attributes]
     grad = torch.randn_like(out_leaves[spec.out_grads[0]])
     traced = _make_fx(norms, flat + parameters + [grad], where, "per-sample parameter-gradient norms")
+    batched = {id(call.values[spec.slots[i]]) for i in batched_slots}
+    _check_batch_free(traced, [_one_more_row(v) if id(v) in batched else v for v in flat] + parameters
+                      + [_one_more_row(grad)], where)
     return GenericNorms(spec, traced, attributes, state_names)
+
+
+def _one_more_row(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tensor, tensor[:1]])
+
+
+def _check_batch_free(traced: fx.GraphModule, inputs: list, where: str) -> None:
+    """Run the traced norms at another batch size: some of vmap's batching rules (a convolution inside a module
+    kept whole, say) read the concrete batch and bake it into the graph, which would then fail on other batches."""
+    try:
+        with torch.no_grad():
+            traced(*inputs)
+    except RuntimeError as error:
+        raise ExportError(f"{where}: its per-sample parameter-gradient norms trace only at one batch size (a "
+                          f"vmap batching rule inside it fixed the batch: {str(error).splitlines()[0][:200]}); "
+                          "export without layer_grads, or make the module traceable by torch.fx so that its "
+                          "layers get their own rules") from error
 
 
 def check_traceable(graph_module: fx.GraphModule, call: Call, where: str) -> None:
