@@ -16,6 +16,7 @@ so each graph is traced at a batch size chosen to differ from every other size i
 """
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -231,7 +232,9 @@ def trace_batch(values, avoid=()) -> int:
 class _PlainNorms(torch.overrides.TorchFunctionMode):
     """Eval-mode ``F.batch_norm`` and ``F.group_norm`` as plain arithmetic under vmap: vmap has no batching
     rule for the batch_norm op and would unroll a loop over the trace batch, and group_norm's batching rule
-    folds the batch into a constant size (either way a graph only valid at that batch size)."""
+    folds the batch into a constant size (either way a graph only valid at that batch size). And ``F.conv2d``
+    as patches times weights: the batching rule of a convolution's weight gradient folds the samples into its
+    groups, which ONNX needs constant."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -243,6 +246,11 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
         if func is F.group_norm:
             names = ("input", "num_groups", "weight", "bias", "eps")
             return _group_norm(**dict(zip(names, args), **kwargs))
+        if func is F.conv2d:
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            bound = dict(zip(names, args), **kwargs)
+            if not isinstance(bound.get("padding", 0), str) and bound["input"].dim() == 4:
+                return _patch_conv2d(**bound)
         return func(*args, **kwargs)
 
 
@@ -256,6 +264,20 @@ def _eval_batch_norm(input, running_mean, running_var, weight=None, bias=None, e
     shape = (1, -1) + (1,) * (input.dim() - 2)
     y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
     return _affine(y, weight, bias)
+
+
+def _patch_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A 2-D convolution as its input patches (a one-hot depthwise convolution of constant weights, as
+    ``layer_grads.PatchExtractor``) times the weight matrix: its weight gradient is then a matmul."""
+    out_channels, in_per_group, kh, kw = weight.shape
+    one_hot = torch.eye(kh * kw, dtype=input.dtype, device=input.device).reshape(kh * kw, 1, kh, kw)
+    patches = F.conv2d(input, one_hot.repeat(input.shape[1], 1, 1, 1), None, stride, padding, dilation,
+                       input.shape[1])  # [N, C*kh*kw, Ho, Wo]
+    rows, cols = patches.shape[2], patches.shape[3]
+    patches = patches.reshape(-1, groups, in_per_group * kh * kw, rows * cols)
+    out = weight.reshape(groups, out_channels // groups, in_per_group * kh * kw) @ patches
+    out = out.reshape(-1, out_channels, rows, cols)
+    return out + bias.reshape(1, -1, 1, 1) if bias is not None else out
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -306,7 +328,9 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
 
 def _portable(traced: fx.GraphModule) -> None:
     """Rewrite what decompositions under vmap leave that the ONNX exporter has no translation for:
-    ``empty_permuted`` (an uninitialised buffer, always overwritten) becomes ``zeros`` of the same size."""
+    ``empty_permuted`` (an uninitialised buffer, always overwritten) becomes ``zeros`` of the same size. And drop
+    dead code: unused size queries of tensors that functorch's wrappers leave behind as graph constants, which
+    fail when run (a per-sample LayerNorm inside a module kept whole, e.g. MobileViT's block)."""
     for node in list(traced.graph.nodes):
         if node.op == "call_function" and node.target is aten.empty_permuted.default:
             with traced.graph.inserting_before(node):
@@ -314,6 +338,11 @@ def _portable(traced: fx.GraphModule) -> None:
                                                    {k: v for k, v in node.kwargs.items() if k != "pin_memory"})
             node.replace_all_uses_with(zeros)
             traced.graph.erase_node(node)
+    traced.graph.eliminate_dead_code()
+    used = {node.target for node in traced.graph.nodes if node.op == "get_attr"}
+    for name in [name for name in [*vars(traced), *traced._buffers] if name.startswith("_tensor_constant")]:
+        if name not in used:
+            delattr(traced, name)  # torch.export would snapshot it, and fail on a functorch wrapper
     traced.recompile()
 
 
@@ -543,11 +572,82 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
     flat, out_leaves, _ = _example(spec, call)
     parameters = [_attribute(graph_module, name).detach() for name in attributes]
     grad = torch.randn_like(out_leaves[spec.out_grads[0]])
-    traced = _make_fx(norms, flat + parameters + [grad], where, "per-sample parameter-gradient norms")
-    batched = {id(call.values[spec.slots[i]]) for i in batched_slots}
-    _check_batch_free(traced, [_one_more_row(v) if id(v) in batched else v for v in flat] + parameters
+    what = "per-sample parameter-gradient norms"
+    traced = _make_fx(norms, flat + parameters + [grad], where, what)
+    if _has_batch_constants(traced, batch):
+        other = trace_batch(list(call.values.values()), avoid={batch})
+        rows = torch.arange(other) % batch
+        batched = _batched_positions(spec, batched_slots)
+        resized = [value[rows] if i in batched else value for i, value in enumerate(flat)]
+        second = _make_fx(norms, resized + parameters + [grad[rows]], where, what)
+        _free_batch_constants(traced, second, batch, other, where)
+    positions = _batched_positions(spec, batched_slots)
+    _check_batch_free(traced, [_one_more_row(v) if i in positions else v for i, v in enumerate(flat)] + parameters
                       + [_one_more_row(grad)], where)
     return GenericNorms(spec, traced, attributes, state_names)
+
+
+def _batched_positions(spec: CallSpec, batched_slots: list[int]) -> set[int]:
+    """Positions in the flat inputs of the tensors that carry the batch."""
+    positions, position = set(), 0
+    for slot, kinds in enumerate(spec.leaf_kinds):
+        for kind in kinds:
+            if kind != "const":
+                if slot in batched_slots:
+                    positions.add(position)
+                position += 1
+    return positions
+
+
+def _int_constants(node: fx.Node):
+    return [v for v in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _has_batch_constants(traced: fx.GraphModule, batch: int) -> bool:
+    """Whether an op's integer argument is a multiple of the trace batch: vmap's batching rules for convolution
+    and group_norm fold the vmapped samples into the batch with concrete sizes, which make_fx records as
+    constants (a graph valid at the trace batch only)."""
+    return any(v != 0 and v % batch == 0 for node in traced.graph.nodes if node.op == "call_function"
+               for v in _int_constants(node))
+
+
+def _free_batch_constants(first: fx.GraphModule, second: fx.GraphModule, batch: int, other: int, where: str) -> None:
+    """Replace in ``first`` (traced at ``batch``) each integer argument that is k * batch where ``second`` (the same
+    function traced at ``other``) has k * other by k times the batch size of the output gradient (the last
+    input). Constants equal in both traces are sizes of the layer, left alone."""
+    nodes, others = list(first.graph.nodes), list(second.graph.nodes)
+    if len(nodes) != len(others) or any((a.op, a.target) != (b.op, b.target) for a, b in zip(nodes, others)):
+        raise ExportError(f"{where}: its per-sample parameter-gradient norms trace to a different graph at another "
+                          "batch size, so no graph serves every batch size")
+    grad = [n for n in nodes if n.op == "placeholder"][-1]
+    with first.graph.inserting_after(grad):
+        size = first.graph.call_function(aten.sym_size.int, (grad, 0))
+    multiples = {1: size}
+
+    def free(a, b):
+        if isinstance(a, fx.Node) or a == b:
+            return a
+        k = a // batch if isinstance(a, int) and not isinstance(a, bool) else None
+        if k is None or a != k * batch or b != k * other:
+            raise ExportError(f"{where}: its per-sample parameter-gradient norms have a constant that changes with "
+                              f"the batch size other than in proportion ({a} at {batch}, {b} at {other})")
+        if k not in multiples:
+            with first.graph.inserting_after(size):
+                multiples[k] = first.graph.call_function(operator.mul, (size, k))
+        return multiples[k]
+
+    for a, b in zip(nodes, others):
+        a.args, a.kwargs = _pairwise(a.args, b.args, free), _pairwise(a.kwargs, b.kwargs, free)
+    first.recompile()
+
+
+def _pairwise(a, b, function):
+    """``function`` applied to the matching leaves of two argument structures of the same shape."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return type(a)(_pairwise(x, y, function) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {key: _pairwise(a[key], b[key], function) for key in a}
+    return function(a, b)
 
 
 def _one_more_row(tensor: torch.Tensor) -> torch.Tensor:

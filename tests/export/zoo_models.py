@@ -323,9 +323,59 @@ class GhostNetish(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow 'same' padding computed from the input size, then the convolution (a
+    subclass that rewrites forward: its weight's per-sample norms go through the generic rule)."""
+
+    def forward(self, x):
+        pad_h = max((-(-x.shape[-2] // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - x.shape[-2], 0)
+        pad_w = max((-(-x.shape[-1] // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - x.shape[-1], 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class PatchBlock(nn.Module):
+    """timm's MobileVitBlock, kept whole by the tracer (its forward branches on the map's size): a 3x3 conv, the
+    map cut into 2x2 patches folded into the batch, LayerNorm + Linear across them, folded back, a 1x1 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv_kxk = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.LayerNorm(channels)
+        self.linear = nn.Linear(channels, channels)
+        self.conv_proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        y = self.conv_kxk(x)
+        batch, channels, height, width = y.shape
+        if height % 2 or width % 2:
+            y = F.interpolate(y, size=(height + height % 2, width + width % 2))
+            height, width = y.shape[-2:]
+        y = y.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 3, 5, 2, 4, 1)
+        y = self.linear(self.norm(y.reshape(batch * 4, height * width // 4, channels)))
+        y = y.reshape(batch, 2, 2, height // 2, width // 2, channels).permute(0, 5, 3, 1, 4, 2)
+        return self.conv_proj(y.reshape(batch, channels, height, width)) + x
+
+
+class MobileViTish(nn.Module):
+    """A Conv2dSame stem and a whole MobileViT-like block: per-sample norms of convolutions traced under vmap."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = Conv2dSame(3, 8, 3, 2)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = PatchBlock(8)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.block(F.silu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
-       "vit": TinyViT, "ghostnet": GhostNetish}
+       "vit": TinyViT, "ghostnet": GhostNetish,
+       "mobilevit": MobileViTish}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
