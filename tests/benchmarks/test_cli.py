@@ -57,4 +57,7 @@ def test_every_evaluation_has_its_options():
     assert parser.parse_args(["eval", "corruption"]).n == 300
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", "no-such-evaluation"])
-    assert set(cli.evaluations()) == {"ood", "corruption", "faithfulness", "explain-speed", "layer-grads", "parity"}
+    assert set(cli.evaluations()) == {"ood", "corruption", "faithfulness", "explain-speed", "layer-grads", "parity",
+                                      "contrastive", "gradcon", "gradcon-speed"}
+    assert parser.parse_args(["eval", "gradcon", "--quick"]).quick
+    assert parser.parse_args(["eval", "gradcon-speed", "--threads", "1"]).threads == 1
