@@ -44,12 +44,15 @@ def mean_gradient(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
 
 def gradcam_plus_plus(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018) in pytorch-grad-cam's closed form from first-order gradients:
-    a = g^2 / (2 g^2 + sum_uv(A) g^3 + eps), zero where g = 0; w_k = sum_uv ReLU(g) a."""
-    grad = grad.expand_as(activation)
+    a = g^2 / (2 g^2 + sum_uv(A) g^3 + eps), zero where g = 0; w_k = sum_uv ReLU(g) a.
+
+    A gradient constant over positions ([B, K, 1, 1], e.g. behind global average pooling) is kept at that size:
+    every term is then the same at each of the u*v positions, so the sum is u*v times one term."""
     squared = grad * grad
     denominator = 2 * squared + activation.sum(dim=(2, 3), keepdim=True) * squared * grad + 1e-6
     alpha = torch.where(grad != 0, squared / denominator, torch.zeros_like(grad))
-    return (torch.relu(grad) * alpha).sum(dim=(2, 3), keepdim=True)
+    repeats = (activation.shape[2] * activation.shape[3]) // (grad.shape[2] * grad.shape[3])
+    return (torch.relu(grad) * alpha).sum(dim=(2, 3), keepdim=True) * repeats
 
 
 #: weighting rule name -> (gradient at A, A) -> channel weights [B, K, 1, 1]
