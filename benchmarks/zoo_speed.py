@@ -143,7 +143,7 @@ def _vmap_engine(name: str, images):
     return run
 
 
-def timing(names, threads: int, blocks: int, vmap_runs: int) -> None:
+def time_models(names, threads: int, blocks: int, vmap_runs: int) -> None:
     out = RESULTS / "zoo_speed.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results["_environment"] = timing.environment(threads, batch=BATCH, size=SIZE,
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     if args.command == "export":
         export(args.models, args.generic)
     elif args.command == "time":
-        timing(args.models, args.threads, args.blocks, args.vmap_runs)
+        time_models(args.models, args.threads, args.blocks, args.vmap_runs)
     else:
         timing.write_results("zoo_speed", table(json.loads((RESULTS / "zoo_speed.json").read_text())))
 
