@@ -39,6 +39,8 @@ import gradprobe
 from gradprobe import data
 from gradprobe.base.fileio import atomic_path, atomic_write_text
 
+from .harness import timing
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTROL = "ph"
 LABELS = {"feed_forward": "feed-forward", "compact": "contrastive (compact)", "norms": "contrastive (norms)",
@@ -281,18 +283,9 @@ def speed(args, trained: Path, plain: Path) -> dict:
     rows = {}
     for batch, rounds in ((1, args.rounds_1), (64, args.rounds_64)):
         batch_images = np.ascontiguousarray(images[:batch])
-        for engine in engines.values():  # warm-up
-            for _ in range(3):
-                engine(batch_images)
-        seconds = {name: [] for name in engines}
-        names = list(engines)
-        for slot in range(rounds):
-            for name in names[slot % len(names):] + names[:slot % len(names)]:  # rotated order, no fixed neighbour
-                started = time.perf_counter()
-                engines[name](batch_images)
-                seconds[name].append(time.perf_counter() - started)
-        rows[batch] = {name: {"median_ms": 1e3 * float(np.median(s)), "p90_ms": 1e3 * float(np.percentile(s, 90)),
-                              "n": len(s)} for name, s in seconds.items()}
+        policies = {name: timing.RoundsPolicy(0.0, 1, 1, warmup=3) for name in engines}
+        seconds = timing.time_interleaved(engines, batch_images, policies, {name: rounds for name in engines})
+        rows[batch] = {name: timing.summarize(s) for name, s in seconds.items()}
         base = rows[batch]["run (no r_x, no head)"]["median_ms"]
         rows[batch]["ratio contrastive_predict / run (no r_x, no head)"] = \
             rows[batch]["contrastive_predict"]["median_ms"] / base
