@@ -47,12 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command == "eval":  # the evaluation's own arguments, which its result files quote to reproduce it
+        args.argv = argv[argv.index(args.evaluation) + 1:]
     try:
         return int(args.handler(args) or 0)
     except GradprobeError as error:
         print(f"gradprobe {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def evaluation_main(name: str, argv=None) -> int:
+    """``python -m benchmarks.<module> ARGS``: the same as ``gradprobe eval NAME ARGS``."""
+    return main(["eval", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ Speed: ``Probe.contrastive_predict`` on the trained bundle vs ``Probe.run`` on t
 contrastive features or head, interleaved round-robin in one process, ONNX Runtime with spinning off and a
 pinned thread count; batch 1 and 64; medians, p90 and their ratio.
 
-Entry points: ``main(argv)`` (``python -m benchmarks.contrastive``), and ``EVALUATIONS`` for
+Entry points: ``python -m benchmarks.contrastive`` (the same as ``gradprobe eval contrastive``), and ``EVALUATIONS`` for
 ``benchmarks/cli.py`` (``gradprobe eval contrastive``).
 """
 from __future__ import annotations
@@ -394,11 +394,9 @@ EVALUATIONS = {"contrastive": ("contrastive inference vs feed-forward and the (p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="gradprobe eval contrastive", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return run(args)
+    from .cli import evaluation_main
+
+    return evaluation_main("contrastive", argv)
 
 
 if __name__ == "__main__":

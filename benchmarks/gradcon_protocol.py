@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .harness import timing
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PERCENTS = (10, 20, 30, 40, 50)
 #: The seed's Fashion-MNIST table (GradCon paper; research/methods.md §8.4), per outlier percentage.
@@ -230,12 +232,8 @@ def run(args) -> int:
     result["table"] = {int(k): v for k, v in result["table"].items()}
     out = Path(args.out)
     stem = args.name or ("gradcon-quick" if args.quick else "gradcon")
-    from gradprobe.base.fileio import atomic_write_text
-
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1))
-    atomic_write_text(out / f"{stem}.md", markdown(result))
+    timing.publish(stem, markdown(result), result, out)
     plot(result, out / f"{stem}.png")
-    print(markdown(result))
     return 0
 
 
@@ -244,11 +242,9 @@ EVALUATIONS = {"gradcon": ("GradCon anomaly detection on Fashion-MNIST under the
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    return run(args)
+    from .cli import evaluation_main
+
+    return evaluation_main("gradcon", argv)
 
 
 def _classes(text: str) -> list[int]:

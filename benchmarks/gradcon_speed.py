@@ -126,9 +126,9 @@ EVALUATIONS = {"gradcon-speed": ("GradCon score latency: the deployed bundle vs 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .cli import evaluation_main
+
+    return evaluation_main("gradcon-speed", argv)
 
 
 if __name__ == "__main__":
