@@ -20,8 +20,8 @@ Speed: ``Probe.contrastive_predict`` on the trained bundle vs ``Probe.run`` on t
 contrastive features or head, interleaved round-robin in one process, ONNX Runtime with spinning off and a
 pinned thread count; batch 1 and 64; medians, p90 and their ratio.
 
-Entry points: ``python -m benchmarks.contrastive`` (the same as ``gradprobe eval contrastive``), and ``EVALUATIONS`` for
-``benchmarks/cli.py`` (``gradprobe eval contrastive``).
+Entry points: ``gradprobe eval contrastive`` (``EVALUATIONS``, through ``benchmarks/cli.py``), or the same
+arguments to ``python -m benchmarks.contrastive``.
 """
 from __future__ import annotations
 
