@@ -9,9 +9,10 @@ the probe graph takes the side its own forward pass is on (``rules.relu_mask``),
 on that forward.
 
 So the oracle (``check_sqnorms``), instead of depending on which side a given CPU rounds to, finds the
-samples whose norms disagree, looks for activations within ``MARGIN`` (relative to the activation's RMS) of
-a kink in a float64 forward, and accepts the sample if the reference taken on the other side of some of those
-kinks agrees (flips tried closest first, kept when they bring the reference closer; up to ``MAX_KINKS``).
+samples whose norms disagree, looks for activations at a kink in a float64 forward (within ``MARGIN`` of the
+activation's RMS, or ``DRIFT`` times the float32 forward's own drift there if larger), and accepts the sample
+if the reference taken on the other side of some of those kinks agrees (flips tried closest first, kept when
+they bring the reference closer; up to ``MAX_KINKS``).
 ``kink_margin`` is what the export's verification uses to tell samples at a kink (float64 distances, in units
 of ``MARGIN`` or of the float32 forward's own drift there, whichever is larger).
 """
@@ -27,6 +28,9 @@ from .parity import ABSOLUTE_FLOOR, RELATIVE
 #: Pre-activations closer than this to a kink, relative to the RMS of the activation's input, are "at a kink".
 MARGIN = 1e-5
 MAX_KINKS = 32
+MAX_SWEEPS = 3
+#: Up to this many kinks in a sample, every set of sides is searched (to first order, ``_best_flips``).
+MAX_EXHAUSTIVE = 16
 #: ``kink_margin`` also counts as at a kink what lies within this many times the float32 forward's own drift
 #: from the float64 one (another float32 engine drifts by a similar amount, in its own direction).
 DRIFT = 4.0
@@ -155,20 +159,21 @@ def _distances(graph_module, node, points, value: torch.Tensor):
             torch.cat([indices] * len(points), 1))
 
 
-def near_kinks(graph_module: fx.GraphModule, x: torch.Tensor, margin: float = MARGIN):
+def near_kinks(graph_module: fx.GraphModule, x: torch.Tensor, margin: float = MARGIN,
+               rounded: fx.GraphModule | None = None):
     """For one sample [1, ...]: [(node, flat index, kink point, distance / rms)] of every element within
-    ``margin`` of a kink, from a float64 forward. For a max pool the element is a window's runner-up and the
-    point its maximum: moving the runner-up above the point moves the gradient to it."""
-    kinks = _activation_kinks(graph_module)
-    interpreter = _Sided(graph_module, kinks)
-    with torch.no_grad():
-        interpreter.run(x)
+    ``margin`` of a kink, from a float64 forward (with ``rounded``, the float32 trace, within ``DRIFT`` times
+    the float32 forward's own drift at that activation when that is larger, as ``kink_margin`` counts). For a
+    max pool the element is a window's runner-up and the point its maximum: moving the runner-up above the
+    point moves the gradient to it."""
+    kinks, inputs = _kink_inputs(graph_module, x)
+    units = _units(inputs, x, rounded, margin)
     found = []
-    for node, value in interpreter.inputs.items():
+    for node, value in inputs.items():
         if value is None:
             continue
         distance, point, index = _distances(graph_module, node, kinks[node], value)
-        for position in torch.nonzero(distance[0] < margin).flatten().tolist():
+        for position in torch.nonzero(distance[0] < float(np.atleast_1d(units.get(node, margin))[0])).flatten().tolist():
             found.append((node, int(index[0, position]), float(point[0, position]), float(distance[0, position])))
     return found
 
@@ -201,27 +206,33 @@ def kink_margin(graph_module: fx.GraphModule, x: torch.Tensor, rounded: fx.Graph
     the RMS), so two float32 engines land on different sides of kinks that far away, and a float32 forward
     would not even measure the distance right."""
     kinks, inputs = _kink_inputs(graph_module, x)
-    drifts = {}
-    if rounded is not None:
-        _, approximate = _kink_inputs(rounded, x.float())
-        by_name = {node.name: value for node, value in approximate.items()}
-        drifts = {node: _drift(value, by_name[node.name]) for node, value in inputs.items()
-                  if _per_sample(value, x) and _per_sample(by_name.get(node.name), x)}
+    units = _units(inputs, x, rounded, MARGIN)
     margins = np.full(len(x), np.inf)
     for node, value in inputs.items():
         if not _per_sample(value, x):
             continue
         distance, _, _ = _distances(graph_module, node, kinks[node], value)
-        unit = np.maximum(MARGIN, DRIFT * drifts.get(node, 0.0))
-        margins = np.minimum(margins, distance.min(dim=1).values.numpy() / unit)
+        margins = np.minimum(margins, distance.min(dim=1).values.numpy() / units.get(node, MARGIN))
     return margins
+
+
+def _units(inputs: dict, x: torch.Tensor, rounded: fx.GraphModule | None, margin: float) -> dict:
+    """Per kinked call, per sample: the distance that counts as "at" its kink, ``margin`` or ``DRIFT`` times
+    the float32 forward's drift from the float64 one there (``rounded``: the float32 trace), the larger."""
+    if rounded is None:
+        return {}
+    _, approximate = _kink_inputs(rounded, x.float())
+    by_name = {node.name: value for node, value in approximate.items()}
+    return {node: np.maximum(margin, DRIFT * _drift(value, by_name[node.name])) for node, value in inputs.items()
+            if _per_sample(value, x) and _per_sample(by_name.get(node.name), x)}
 
 
 def _per_sample(value, x: torch.Tensor) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(x)
 
 
-def _sqnorms_with_sides(graph_module, x, names, sides, loss: str) -> np.ndarray:
+def _grads_with_sides(graph_module, x, names, sides, loss: str) -> list[np.ndarray]:
+    """Per parameter in ``names``, the flattened float64 gradient (empty where the loss does not reach it)."""
     params = dict(graph_module.named_parameters())
     interpreter = _Sided(graph_module, set(sides), sides)
     with torch.enable_grad():
@@ -233,19 +244,47 @@ def _sqnorms_with_sides(graph_module, x, names, sides, loss: str) -> np.ndarray:
         chosen = [params[n] for n in names if n in params]
         grads = torch.autograd.grad(objective, chosen, allow_unused=True)
     by_name = dict(zip([n for n in names if n in params], grads))
-    return np.array([0.0 if by_name.get(n) is None else float(by_name[n].double().pow(2).sum()) for n in names])
+    return [np.zeros(0) if by_name.get(n) is None else by_name[n].double().reshape(-1).numpy() for n in names]
 
 
-def sided_sqnorms(graph_module: fx.GraphModule, x: torch.Tensor, names, kinks, choice, loss: str = "bce"):
-    """Per-parameter squared gradient norms of one sample [1, ...] with the derivative at each kink of ``kinks``
-    (from ``near_kinks``) taken from the side in ``choice`` (-1 below the kink, +1 above)."""
+def _sides(kinks, choice, dtype) -> dict:
     sides = {}
     for (node, flat_index, point, _), side in zip(kinks, choice):
         indices, values = sides.get(node, ([], []))
         scale = max(abs(point), 1.0)
         sides[node] = (indices + [flat_index], values + [point + side * 1e-3 * scale])
-    sides = {node: (torch.tensor(i), torch.tensor(v, dtype=x.dtype)) for node, (i, v) in sides.items()}
-    return _sqnorms_with_sides(graph_module, x, names, sides, loss)
+    return {node: (torch.tensor(i), torch.tensor(v, dtype=dtype)) for node, (i, v) in sides.items()}
+
+
+def sided_grads(graph_module: fx.GraphModule, x: torch.Tensor, names, kinks, choice, loss: str = "bce"):
+    """Per-parameter gradients of one sample [1, ...] with the derivative at each kink of ``kinks`` (from
+    ``near_kinks``) taken from the side in ``choice`` (-1 below the kink, +1 above)."""
+    return _grads_with_sides(graph_module, x, names, _sides(kinks, choice, x.dtype), loss)
+
+
+def sided_sqnorms(graph_module: fx.GraphModule, x: torch.Tensor, names, kinks, choice, loss: str = "bce"):
+    """The squared norms of ``sided_grads``."""
+    return np.array([float(g @ g) for g in sided_grads(graph_module, x, names, kinks, choice, loss)])
+
+
+def _best_flips(ours: np.ndarray, base: list[np.ndarray], flipped: list[list[np.ndarray]]) -> np.ndarray:
+    """The set of flips whose norms come closest to ``ours`` (worst layer), over all 2^k sets: a flip changes the
+    backward signal through one element, so to first order the gradient of a set is the base gradient plus each
+    flip's own change, and each layer's squared norm is a quadratic form in the flips. Returns [k] of 0/1."""
+    layers = range(len(base))
+    deltas = [[f[layer] - base[layer] for layer in layers] for f in flipped]
+    squares = np.array([g @ g for g in base])
+    linear = np.array([[base[layer] @ d[layer] for layer in layers] for d in deltas])  # [k, L]
+    gram = np.array([[[a[layer] @ b[layer] for layer in layers] for b in deltas] for a in deltas])  # [k, k, L]
+    best, best_error = np.zeros(len(flipped)), np.inf
+    for start in range(0, 2 ** len(flipped), 4096):
+        sets = (np.arange(start, min(start + 4096, 2 ** len(flipped)))[:, None] >> np.arange(len(flipped))) & 1
+        sets = sets.astype(np.float64)
+        norms = squares + 2 * sets @ linear + np.einsum("nj,jkl,nk->nl", sets, gram, sets)
+        worst = _errors(ours[None], norms).max(axis=1)
+        if worst.min() < best_error:
+            best, best_error = sets[worst.argmin()], float(worst.min())
+    return best
 
 
 def _own_sides(graph_module, sample, kinks) -> list[float]:
@@ -257,6 +296,13 @@ def _own_sides(graph_module, sample, kinks) -> list[float]:
             for node, index, point, _ in kinks]
 
 
+def _flip(choice, positions) -> list[float]:
+    flipped = list(choice)
+    for position in positions:
+        flipped[position] = -flipped[position]
+    return flipped
+
+
 def _errors(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.abs(ours - reference) / np.maximum(np.abs(reference), ABSOLUTE_FLOOR / RELATIVE)
 
@@ -265,7 +311,8 @@ def check_sqnorms(model: nn.Module, x: torch.Tensor, ours: np.ndarray, reference
                   tolerance: float = RELATIVE) -> dict:
     """Compare per-sample norms ``ours`` [B, P] with references [B, P] (e.g. float32 and float64 vmap(grad));
     an element passes within ``tolerance`` of any reference. A failing sample whose float64 forward has an
-    activation within ``MARGIN`` of a kink is re-checked against the references on every side of its kinks.
+    activation at a kink (``near_kinks`` with the float32 trace) is re-checked against the references taken on
+    either side of each of its kinks: the set of sides closest to ours, then single flips.
 
     Returns {"error": worst error after the kink check, "kink_samples": samples resolved on another side,
     "unresolved": [(sample, number of kinks)]}.
@@ -278,22 +325,35 @@ def check_sqnorms(model: nn.Module, x: torch.Tensor, ours: np.ndarray, reference
     import copy
 
     graph_module = fine_graph(copy.deepcopy(model).double().eval())
+    rounded = fine_graph(copy.deepcopy(model).float().eval())
     for index in failing:
         sample = x[index:index + 1].double()
-        kinks = sorted(near_kinks(graph_module, sample), key=lambda kink: kink[3])
+        kinks = sorted(near_kinks(graph_module, sample, rounded=rounded), key=lambda kink: kink[3])
         if not kinks or len(kinks) > MAX_KINKS:
             result["unresolved"].append((index, len(kinks)))
             continue
-        # the side of each kink, closest first: keep a flip when it brings the reference closer to ours (each
-        # kink moves the norms by its own step); every combination would cost 2^k backward passes
-        own = _own_sides(graph_module, sample, kinks)
-        choice, best = list(own), per_sample[index]
-        for position in range(len(kinks)):
-            trial = list(choice)
-            trial[position] = -trial[position]
-            error = float(_errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, trial, loss)).max())
-            if error < best:
-                choice, best = trial, error
+        choice = _own_sides(graph_module, sample, kinks)
+        if len(kinks) <= MAX_EXHAUSTIVE:
+            base = sided_grads(graph_module, sample, names, kinks, choice, loss)
+            flipped = [sided_grads(graph_module, sample, names, kinks, _flip(choice, [j]), loss)
+                       for j in range(len(kinks))]
+            chosen = _best_flips(ours[index], base, flipped)
+            choice = _flip(choice, np.nonzero(chosen)[0])
+        errors = _errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, choice, loss))
+        # then single flips, closest kink first, kept when they bring the reference closer over all layers
+        # (the first-order search can miss where flips interact); sweeps repeat while a flip helps
+        for _ in range(MAX_SWEEPS):
+            if errors.max() <= tolerance:
+                break
+            improved = False
+            for position in range(len(kinks)):
+                trial = _flip(choice, [position])
+                trial_errors = _errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, trial, loss))
+                if trial_errors.sum() < errors.sum():
+                    choice, errors, improved = trial, trial_errors, True
+            if not improved:
+                break
+        best = min(per_sample[index], float(errors.max()))
         per_sample[index] = best
         if best <= tolerance:
             result["kink_samples"] += 1

@@ -130,6 +130,64 @@ def test_a_kink_within_the_float32_drift_is_at_a_kink():
     assert kink_margin(exact, image.double(), fine_graph(model))[0] < 1
 
 
+
+def test_the_oracle_counts_the_float32_drift_too():
+    """The same model: norms from the side the exact forward is not on (torch's float32 forward is on it) are
+    accepted against the exact reference alone, because the oracle looks for kinks as far out as the
+    verification does."""
+    torch.manual_seed(0)
+    model = ThroughALargeOffset().eval()
+    image = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    pre = F.conv2d(image.double(), model.conv.weight.double().detach(), model.conv.bias.double().detach(), padding=1)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+        model.conv.bias[2] -= float(pre[0, 2, 3, 4] - 5e-5 * pre.pow(2).mean().sqrt())
+    names = [n for n, _ in model.named_parameters()]
+    exact = fine_graph(copy.deepcopy(model).double())
+    kinks = near_kinks(exact, image.double(), 1e-4)
+    below = sided_sqnorms(exact, image.double(), names, kinks, (-1.0,))[None]
+    exact_side = [vmap_sqnorms(model, image.numpy(), IDENTITY, names, dtype=torch.float64)]  # above the kink
+    assert (np.abs(below - exact_side[0]) / np.abs(exact_side[0])).max() > 3 * RELATIVE
+    verdict = check_sqnorms(model, image, below, exact_side, names)
+    assert verdict["error"] <= RELATIVE and verdict["kink_samples"] == 1, verdict
+
+
+@pytest.fixture(scope="module")
+def at_several_kinks():
+    """relu1 of ``Small`` with four elements at 1e-9 (different channels and places)."""
+    torch.manual_seed(0)
+    model = Small().eval()
+    image = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+        for channel, row, col in ((0, 1, 1), (1, 4, 2), (2, 3, 4), (3, 0, 5)):
+            pre = model.bn1(model.conv1(image))
+            model.conv1.bias[channel] -= pre[0, channel, row, col] - 1e-9
+    return model, image
+
+
+@pytest.mark.parametrize("flipped", [(0, 2), (1, 2, 3), (0, 1, 2, 3)])
+def test_several_kinks_on_the_other_side_are_accepted(at_several_kinks, flipped):
+    """A forward that rounds several of them the other way: only the right set of sides explains its norms, and
+    the oracle finds it among all 16 (single flips, one at a time, need not make the worst layer better)."""
+    model, image = at_several_kinks
+    names = [n for n, _ in model.named_parameters()]
+    exact = fine_graph(copy.deepcopy(model).double())
+    kinks = near_kinks(exact, image.double())
+    assert len(kinks) == 4
+    with torch.no_grad():
+        pre = model.bn1(model.conv1(image)).double().reshape(-1)
+    own = [1.0 if float(pre[index]) > 0 else -1.0 for _, index, _, _ in kinks]
+    sides = [-side if position in flipped else side for position, side in enumerate(own)]
+    ours = sided_sqnorms(exact, image.double(), names, kinks, sides)[None]
+    references = [vmap_sqnorms(model, image.numpy(), IDENTITY, names, dtype=dtype)
+                  for dtype in (torch.float32, torch.float64)]
+    assert np.min([np.abs(ours - r) / np.maximum(np.abs(r), ABSOLUTE_FLOOR / RELATIVE) for r in references],
+                  axis=0).max() > 3 * RELATIVE
+    verdict = check_sqnorms(model, image, ours, references, names)
+    assert verdict["error"] <= RELATIVE and verdict["kink_samples"] == 1, verdict
+    assert check_sqnorms(model, image, ours * 1.01, references, names)["error"] > RELATIVE
+
 class PoolAfterConv(nn.Module):
     """A 3x3 conv then an overlapping max-pool: a near-tie of two conv outputs with different patches."""
 
