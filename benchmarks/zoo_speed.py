@@ -42,21 +42,23 @@ def _model(name: str):
     return nontrivial_statistics(torchvision.models.get_model(name, weights=None, num_classes=1000), SIZE)
 
 
-def export(names, generic: bool) -> None:
+def export(names, generic: bool, jobs=("plain.onnx", "maps", "layer_grads")) -> None:
     import torch
 
     import gradprobe
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("ZOO_SPEED_EXPORT_THREADS", 2)))
     example = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     for name in names:
         folder = CACHE / name
         folder.mkdir(parents=True, exist_ok=True)
         model = _model(name)
-        jobs = [("plain.onnx", None), ("maps", {}), ("layer_grads", {"layer_grads": True})]
+        kinds = [("plain.onnx", None), ("maps", {}), ("layer_grads", {"layer_grads": True})]
         if generic and name in GENERIC_MODELS:
-            jobs.append(("layer_grads_generic", {"layer_grads": True, "hand_rules": False}))
-        for target, options in jobs:
+            kinds.append(("layer_grads_generic", {"layer_grads": True, "hand_rules": False}))
+        for target, options in kinds:
+            if target not in jobs and target != "layer_grads_generic":
+                continue
             path = folder / target
             if path.exists():
                 continue
@@ -185,11 +187,13 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--generic", action="store_true", help="also the generic-only layer_grads graphs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=["plain.onnx", "maps", "layer_grads"],
+                        help="export: which of plain.onnx, maps, layer_grads (e.g. every model's maps first)")
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--vmap-runs", type=int, default=2)
     args = parser.parse_args(argv)
     if args.command == "export":
-        export(args.models, args.generic)
+        export(args.models, args.generic, args.only)
     elif args.command == "time":
         time_models(args.models, args.threads, args.blocks, args.vmap_runs)
     else:

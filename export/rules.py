@@ -130,8 +130,8 @@ def leaky_relu(call: Call, grad):
 
 @register("hardswish", modules=(nn.Hardswish,), functions=(F.hardswish,))
 def hardswish(call: Call, grad):
-    x = call.x  # torch's hardswish_backward: 0 below -3, x/3 + 1/2 up to 3 inclusive, 1 above
-    slope = torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+    x = call.x  # autograd's derivative at the kinks themselves: 0 at -3, 1 at 3
+    slope = torch.where(x <= -3, torch.zeros_like(x), torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x)))
     return grad * slope
 
 

@@ -218,3 +218,31 @@ def test_supported_list_is_generated_into_the_readme():
     block = re.search(r"<!-- rules:begin -->\n(.*?)\n<!-- rules:end -->", readme, re.S)
     assert block, "README.md lacks the generated <!-- rules:begin --> block"
     assert block.group(1) == listing, "README's rule list is stale: run `python -m gradprobe.export.backward`"
+
+
+AT_THE_KINKS = {  # name: (call, the points where its derivative jumps)
+    "relu": (nn.ReLU(), (0.0,)),
+    "relu6": (nn.ReLU6(), (0.0, 6.0)),
+    "hardtanh": (nn.Hardtanh(-0.5, 0.5), (-0.5, 0.5)),
+    "leaky_relu": (nn.LeakyReLU(0.2), (0.0,)),
+    "hardswish": (nn.Hardswish(), (-3.0, 3.0)),
+    "hardsigmoid": (nn.Hardsigmoid(), (-3.0, 3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AT_THE_KINKS))
+def test_hand_rule_takes_autograds_side_at_a_kink(name):
+    """An input exactly at a kink (a real ResNet-sized batch of random normals holds a 3.0): the hand rule gives
+    autograd's derivative there, not the other side's (Hardswish's slope jumps from 1.5 to 1 at 3)."""
+    layer, points = AT_THE_KINKS[name]
+    module = _case(layer)
+    graph_module = fx.symbolic_trace(module)
+    graph_module.gradprobe_batched = frozenset(graph_module.graph.nodes)
+    x = torch.tensor([[p + d for p in points for d in (-1e-3, 0.0, 1e-3)]])
+    interpreter = fx.Interpreter(graph_module, garbage_collect_values=False)
+    interpreter.run(x)
+    expected, grad = _autograd(module, x, 1)
+    output_node = next(n for n in graph_module.graph.nodes if n.op == "output").args[0]
+    x_node = next(n for n in graph_module.graph.nodes if n.op == "placeholder")
+    _, got = _backward(graph_module, dict(interpreter.env), x_node, output_node, grad, hand=True)
+    torch.testing.assert_close(got.expand_as(expected), expected, rtol=0, atol=1e-7)
