@@ -5,4 +5,5 @@ when ``create_backend`` builds it.
 """
 from .backend import Backend, backend_names, create_backend, register_backend  # noqa: F401
 from .engine import ProbeEngine, build_engine  # noqa: F401
-from .validate import class_index, contrast_matrix, validate_contrast, validate_images  # noqa: F401
+from .validate import (class_index, contrast_matrix, validate_contrast, validate_image_layout,  # noqa: F401
+                       validate_images)

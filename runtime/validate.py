@@ -21,29 +21,7 @@ def validate_images(images, chw: Sequence[int], value_range: Sequence[float] = (
     Values must be finite and inside ``value_range`` (the bundle's declared input range): an image far
     outside it is not a picture the model was trained on, and overflowing values would give NaN outputs.
     """
-    expected = f"[B, {', '.join(str(d) for d in chw)}]"
-    if not isinstance(images, np.ndarray):
-        raise InputError(f"images must be a numpy.ndarray of shape {expected} and dtype float32, "
-                         f"got {type(images).__name__}")
-    if isinstance(images, np.ma.MaskedArray):
-        raise InputError("images is a masked array: the graph would read the masked values as they are; pass "
-                         "images.filled(value) with the fill you mean")
-    images = np.asarray(images)  # a subclass is checked, and run, as the plain array it holds
-    if images.ndim != 4:
-        hint = " (for one image use images[None])" if images.ndim == 3 else ""
-        raise InputError(f"images must have rank 4, shape {expected}; got rank {images.ndim}, "
-                         f"shape {list(images.shape)}{hint}")
-    if images.dtype != np.float32:
-        raise InputError(f"images must have dtype float32 with values in [{value_range[0]}, {value_range[1]}], "
-                         f"got {images.dtype}; convert with images.astype(np.float32) (and / 255 for uint8 pixels)")
-    if images.shape[0] == 0:
-        raise InputError(f"images is an empty batch (shape {list(images.shape)}); pass at least one image")
-    if images.shape[1] != chw[0]:
-        raise InputError(f"images must have {chw[0]} channel(s), shape {expected}; got {images.shape[1]} "
-                         f"(shape {list(images.shape)})")
-    if tuple(images.shape[2:]) != tuple(chw[1:]):
-        raise InputError(f"images must be {chw[1]}x{chw[2]} pixels, shape {expected}; "
-                         f"got {images.shape[2]}x{images.shape[3]}")
+    images = validate_image_layout(images, chw, value_range)
     flat = images.reshape(len(images), -1)
     finite = np.isfinite(flat).all(axis=1)
     if not finite.all():
@@ -58,6 +36,37 @@ def validate_images(images, chw: Sequence[int], value_range: Sequence[float] = (
                          f"image(s) do not, first at batch index {first} with values in "
                          f"[{float(flat[first].min()):.4g}, {float(flat[first].max()):.4g}]")
     return np.ascontiguousarray(images)
+
+
+def validate_image_layout(images, chw: Sequence[int], value_range: Sequence[float] | None = (0.0, 1.0)) -> np.ndarray:
+    """The checks that need no pass over the values: type, rank, dtype, a non-empty batch, channels and size
+    (what a typed serving endpoint also checks, before the values reach gradprobe). ``value_range`` only
+    completes the messages (None where it is not known, as in a serving client)."""
+    expected = f"[B, {', '.join(str(d) for d in chw)}]"
+    if not isinstance(images, np.ndarray):
+        raise InputError(f"images must be a numpy.ndarray of shape {expected} and dtype float32, "
+                         f"got {type(images).__name__}")
+    if isinstance(images, np.ma.MaskedArray):
+        raise InputError("images is a masked array: the graph would read the masked values as they are; pass "
+                         "images.filled(value) with the fill you mean")
+    images = np.asarray(images)  # a subclass is checked, and run, as the plain array it holds
+    if images.ndim != 4:
+        hint = " (for one image use images[None])" if images.ndim == 3 else ""
+        raise InputError(f"images must have rank 4, shape {expected}; got rank {images.ndim}, "
+                         f"shape {list(images.shape)}{hint}")
+    if images.dtype != np.float32:
+        values = f" with values in [{value_range[0]}, {value_range[1]}]" if value_range is not None else ""
+        raise InputError(f"images must have dtype float32{values}, "
+                         f"got {images.dtype}; convert with images.astype(np.float32) (and / 255 for uint8 pixels)")
+    if images.shape[0] == 0:
+        raise InputError(f"images is an empty batch (shape {list(images.shape)}); pass at least one image")
+    if images.shape[1] != chw[0]:
+        raise InputError(f"images must have {chw[0]} channel(s), shape {expected}; got {images.shape[1]} "
+                         f"(shape {list(images.shape)})")
+    if tuple(images.shape[2:]) != tuple(chw[1:]):
+        raise InputError(f"images must be {chw[1]}x{chw[2]} pixels, shape {expected}; "
+                         f"got {images.shape[2]}x{images.shape[3]}")
+    return images
 
 
 def class_index(value, class_names: Sequence[str], what: str = "class") -> int:

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.serve
 PROTOCOLS = ("http", "grpc")
 
 
-def client(server, protocol: str, timeout: float = 60) -> ProbeClient:
+def client(server, protocol: str, timeout: float = 60, check: bool = True) -> ProbeClient:
     port = server.http_port if protocol == "http" else server.grpc_port
-    return ProbeClient(f"127.0.0.1:{port}", protocol=protocol, timeout=timeout)
+    return ProbeClient(f"127.0.0.1:{port}", protocol=protocol, timeout=timeout, check=check)
 
 
 def expected(bundle, images, contrast=None) -> dict:
@@ -71,27 +71,37 @@ def nan_images(images):
     return bad
 
 
-MALFORMED = {  # name -> (images, contrast, what the error must say)
-    "nan": (lambda x: nan_images(x[:4]), None, "images contain NaN or Inf in 1 image(s)"),
-    "contrast": (lambda x: x[:4], np.full(4, 12, np.int64), "contrast class 12 is out of range"),
-    "shape": (lambda x: np.zeros((2, 1, 32, 32), np.float32), None, "[-1,1,28,28]"),
-    "rank": (lambda x: x[:2, 0], None, "[-1,1,28,28]"),
-    "dtype": (lambda x: x[:2].astype(np.float64), None, "expects 'FP32'"),
-    "oversized": (lambda x: np.zeros((MAX_BATCH + 1, 1, 28, 28), np.float32), None, f"<= {MAX_BATCH}"),
+MALFORMED = {  # name -> (images, contrast, gradprobe's message, Triton's message for the unchecked request)
+    "nan": (lambda x: nan_images(x[:4]), None, "images contain NaN or Inf in 1 image(s)", None),
+    "contrast": (lambda x: x[:4], np.full(4, 12, np.int64), "contrast class 12 is out of range", None),
+    "shape": (lambda x: np.zeros((2, 1, 32, 32), np.float32), None, "images must be 28x28 pixels, shape [B, 1, 28, 28]",
+              "[-1,1,28,28]"),
+    "rank": (lambda x: x[:2, 0], None, "images must have rank 4, shape [B, 1, 28, 28]; got rank 3", "[-1,1,28,28]"),
+    "dtype": (lambda x: x[:2].astype(np.float64), None, "images must have dtype float32, got float64",
+              "expects 'FP32'"),
+    "oversized": (lambda x: np.zeros((MAX_BATCH + 1, 1, 28, 28), np.float32), None,
+                  f"a request holds at most {MAX_BATCH} images", f"<= {MAX_BATCH}"),
 }
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_request_gets_error_and_server_goes_on(server, serve_bundle, serve_images, protocol, case):
-    make, contrast, message = MALFORMED[case]
-    probe_client = client(server, protocol)
-    with pytest.raises(Exception) as error:
-        probe_client.infer(make(serve_images), contrast)
-    assert message in str(error.value).replace(" ", "").replace("\\", "") or message in str(error.value)
-    if case in ("nan", "contrast"):  # reached gradprobe: its InputError, verbatim
+def test_malformed_request_gets_gradprobes_message_and_server_goes_on(server, serve_bundle, serve_images, protocol,
+                                                                      case):
+    """What needs the values reaches the server, whose error response is gradprobe's InputError verbatim; what
+    Triton's typed inputs reject (rank, shape, dtype, batch size) the client catches first, with the same
+    message ``Probe.run`` gives. Sent unchecked, Triton rejects those itself and the server goes on."""
+    make, contrast, message, triton_message = MALFORMED[case]
+    with pytest.raises(gradprobe.GradprobeError if triton_message else Exception) as error:
+        client(server, protocol).infer(make(serve_images), contrast)
+    assert message in str(error.value)
+    if triton_message is None:  # reached the server: its error response carries gradprobe's InputError
         assert "InputError: " in str(error.value)
-    answer = probe_client.infer(serve_images[:3])
+    else:
+        with pytest.raises(Exception) as raw:
+            client(server, protocol, check=False).infer(make(serve_images), contrast)
+        assert triton_message in str(raw.value).replace(" ", "").replace("\\", "") or triton_message in str(raw.value)
+    answer = client(server, protocol).infer(serve_images[:3])
     assert_same(answer, expected(serve_bundle, serve_images[:3]), ["pred", "probs"])
 
 
