@@ -51,7 +51,6 @@ CASES = {  # name: (call, per-sample input shape)
     "depthwise 5x5 [240, 14, 14]": (Call(nn.Conv2d(240, 240, 5, padding=2, groups=240, bias=False)), (240, 14, 14)),
     "BatchNorm2d eval [256, 56, 56]": (Call(_bn(256)), (256, 56, 56)),
     "MaxPool2d(3, 2, 1) [64, 112, 112]": (Call(nn.MaxPool2d(3, 2, 1)), (64, 112, 112)),
-    "Hardswish [16, 112, 112]": (Call(nn.Hardswish()), (16, 112, 112)),
     "SiLU [96, 56, 56]": (Call(nn.SiLU()), (96, 56, 56)),
     "GELU [56, 56, 384]": (Call(nn.GELU()), (56, 56, 384)),
     "Linear 96->384 [56, 56]": (Call(nn.Linear(96, 384)), (56, 56, 96)),

@@ -128,13 +128,6 @@ def leaky_relu(call: Call, grad):
     return torch.where(call.x > 0, grad, grad * slope)
 
 
-@register("hardswish", modules=(nn.Hardswish,), functions=(F.hardswish,))
-def hardswish(call: Call, grad):
-    x = call.x  # autograd's derivative at the kinks themselves: 0 at -3, 1 at 3
-    slope = torch.where(x <= -3, torch.zeros_like(x), torch.where(x < 3, x / 3 + 0.5, torch.ones_like(x)))
-    return grad * slope
-
-
 @register("hardsigmoid", modules=(nn.Hardsigmoid,), functions=(F.hardsigmoid,))
 def hardsigmoid(call: Call, grad):
     x = call.x
