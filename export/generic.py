@@ -233,8 +233,9 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
     """Eval-mode ``F.batch_norm`` and ``F.group_norm`` as plain arithmetic under vmap: vmap has no batching
     rule for the batch_norm op and would unroll a loop over the trace batch, and group_norm's batching rule
     folds the batch into a constant size (either way a graph only valid at that batch size). And ``F.conv2d``
-    as patches times weights: the batching rule of a convolution's weight gradient folds the samples into its
-    groups, which ONNX needs constant."""
+    as patches times weights (``F.conv1d`` too, as a 1-pixel-high 2-D one: ECA's channel convolution): the
+    batching rule of a convolution's weight gradient folds the samples into its groups, which ONNX needs
+    constant."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -246,11 +247,11 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
         if func is F.group_norm:
             names = ("input", "num_groups", "weight", "bias", "eps")
             return _group_norm(**dict(zip(names, args), **kwargs))
-        if func is F.conv2d:
+        if func in (F.conv1d, F.conv2d):
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             bound = dict(zip(names, args), **kwargs)
-            if not isinstance(bound.get("padding", 0), str) and bound["input"].dim() == 4:
-                return _patch_conv2d(**bound)
+            if not isinstance(bound.get("padding", 0), str) and bound["input"].dim() == (3 if func is F.conv1d else 4):
+                return _patch_conv2d(**bound) if func is F.conv2d else _patch_conv1d(**bound)
         return func(*args, **kwargs)
 
 
@@ -278,6 +279,14 @@ def _patch_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, gro
     out = weight.reshape(groups, out_channels // groups, in_per_group * kh * kw) @ patches
     out = out.reshape(-1, out_channels, rows, cols)
     return out + bias.reshape(1, -1, 1, 1) if bias is not None else out
+
+
+def _patch_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """A 1-D convolution as a 2-D one over a 1-pixel-high image (``_patch_conv2d``)."""
+    first = lambda value: value[0] if isinstance(value, (tuple, list)) else value  # noqa: E731
+    out = _patch_conv2d(input.unsqueeze(2), weight.unsqueeze(2), bias, (1, first(stride)), (0, first(padding)),
+                        (1, first(dilation)), groups)
+    return out.squeeze(2)
 
 
 def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):

@@ -401,6 +401,54 @@ def _output_node(model: nn.Module, graph_module: fx.GraphModule) -> fx.Node:
     return output
 
 
+class PointwiseLinear(nn.Linear):
+    """A 1x1 ``Conv2d`` that reads a pooled [B, C, 1, 1] map, as the Linear it is (timm's DLA and others classify
+    so), sharing the convolution's parameters (the same storage, reshaped to [O, C])."""
+
+    def __init__(self, conv: nn.Conv2d):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = conv.in_channels, conv.out_channels
+        self.weight = nn.Parameter(conv.weight.detach().view(conv.out_channels, conv.in_channels))
+        self.bias = nn.Parameter(conv.bias.detach()) if conv.bias is not None else None
+
+
+def _is_pointwise_head(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module" or not isinstance(module := graph_module.get_submodule(node.target), nn.Conv2d):
+        return False
+    shape = _shape(node.args[0]) if node.args else None
+    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.padding in ((0, 0), 0) and module.dilation == (1, 1) and module.groups == 1
+            and shape is not None and len(shape) == 4 and tuple(shape[2:]) == (1, 1))
+
+
+def _read_pointwise_head_as_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node) -> bool:
+    """Where the logits come from a 1x1 Conv2d on a 1x1 map (through flatten and the like), call it as
+    flatten -> ``PointwiseLinear`` -> reshape to [B, O, 1, 1] in the traced graph (the user's model is left as
+    it is). Returns whether the graph changed."""
+    node = logits
+    while not _is_pointwise_head(graph_module, node):
+        if not _is_pass_through(graph_module, node) or not node.all_input_nodes:
+            return False
+        node = node.args[0]
+    *parents, field = str(node.target).split(".")
+    owner = graph_module
+    for index, item in enumerate(parents):  # the traced copy's own containers only, never the user's modules
+        owner = getattr(owner, item)
+        if owner is model.get_submodule(".".join(parents[:index + 1])):
+            return False
+    conv = owner.get_submodule(field)
+    setattr(owner, field, PointwiseLinear(conv))
+    graph = graph_module.graph
+    with graph.inserting_before(node):
+        flat = graph.call_method("flatten", (node.args[0], 1))
+        linear = graph.call_module(str(node.target), (flat,))
+        restored = graph.call_method("reshape", (linear, -1, conv.out_channels, 1, 1))
+    node.replace_all_uses_with(restored)
+    graph.erase_node(node)
+    graph_module.recompile()
+    return True
+
+
 def _find_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node) -> fx.Node:
     node = logits
     passed = []
@@ -408,8 +456,8 @@ def _find_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node
         if not _is_pass_through(graph_module, node) or not node.all_input_nodes:
             through = f" (through {', '.join(passed)})" if passed else ""
             raise ExportError(f"the logits of {type(model).__name__} come from {describe_node(graph_module, node)}"
-                              f"{through}; gradprobe needs them to come from an nn.Linear (or F.linear), "
-                              "possibly followed by Identity, Dropout or flatten")
+                              f"{through}; gradprobe needs them to come from an nn.Linear (or F.linear, or a 1x1 "
+                              "Conv2d on a pooled 1x1 map), possibly followed by Identity, Dropout or flatten")
         passed.append(describe_node(graph_module, node))
         node = node.args[0]
     shape = _shape(logits)
@@ -567,6 +615,9 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
         raise ExportError(f"running the traced {type(model).__name__} on the example failed: "
                           f"{type(error).__name__}: {error}") from error
     logits = _output_node(model, graph_module)
+    if _read_pointwise_head_as_linear(model, graph_module, logits):
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example)
     linear = _find_linear(model, graph_module, logits)
     features = linear.args[0]
     layouts, batched = _layouts(graph_module)

@@ -119,7 +119,7 @@ class ResearchReference:
 
             row = dict(
                 logits=logits[0].detach().numpy(), probs=probs[0].detach().numpy(), pred=np.int64(pred),
-                features=features[0].detach().numpy(), contrast_class=np.int64(q),
+                features=features[0].detach().reshape(-1).numpy(), contrast_class=np.int64(q),
                 label_grad_sqnorm=np.array(label_sq, dtype=np.float64),
                 confounding_grad_sqnorm=np.array(confounding, dtype=np.float64))
             for spec in self.maps:  # one full backward per map, as the research scripts do

@@ -204,3 +204,48 @@ def test_non_differentiable_call_on_the_path_is_named(tmp_path):
         gradprobe.export(Rounding().eval(), torch.rand(2, 3, 16, 16), tmp_path / "deep", layer_grads=True)
     with pytest.raises(ExportError, match=r"round.*zero gradient.*degenerate"):
         gradprobe.export(Rounding().eval(), torch.rand(2, 3, 16, 16), tmp_path / "early", target_layer="conv")
+
+
+class ConvHeadNet(nn.Module):
+    """timm's DLA head: global pooling, then a 1x1 Conv2d as the classifier, then flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 12, 3, 2, 1), nn.ReLU())
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(12, 5, 1)
+        self.flatten = nn.Flatten(1)
+
+    def forward(self, x):
+        return self.flatten(self.fc(self.global_pool(self.features(x))))
+
+
+def test_pointwise_conv_classifier_is_read_as_a_linear(tmp_path):
+    """The 1x1 conv on the pooled map is the last Linear (sharing its parameters; the user's model keeps its
+    conv): logits, maps and per-layer norms (``fc.weight`` included) match autograd and vmap(grad)."""
+    from gradprobe.export.kinks import check_sqnorms
+    from gradprobe.export.reference import ResearchReference
+
+    from .test_layer_grads import vmap_sqnorms
+
+    torch.manual_seed(0)
+    model = ConvHeadNet().eval()
+    images = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()
+    probe = gradprobe.load(gradprobe.export(model, images[:4], tmp_path / "b", layer_grads=True))
+    section = probe.manifest.classifier
+    assert section.linear == "fc" and isinstance(model.fc, nn.Conv2d) and model.fc.weight.dim() == 4
+    ours = probe.run(images)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images)).numpy()
+    assert abs(ours.logits - logits).max() <= 1e-5 * abs(logits).max()
+    reference = ResearchReference.for_bundle(model, probe.manifest).run(images)
+    for name in ("cam", "contrastive_cam", "label_grad_sqnorm", "confounding_grad_sqnorm"):
+        expected = reference[name]
+        assert abs(getattr(ours, name) - expected).max() <= 1e-4 * abs(expected).max(), name
+    names = list(section.layer_grads.names)
+    assert "fc.weight" in names
+    references = [vmap_sqnorms(model, images, ((0.0,), (1.0,)), names, dtype=dtype)
+                  for dtype in (torch.float32, torch.float64)]
+    verdict = check_sqnorms(model, torch.from_numpy(images), ours.layer_grad_sqnorm, references, names)
+    assert verdict["error"] <= 1e-4, verdict

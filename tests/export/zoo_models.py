@@ -13,9 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class EfficientChannelAttention(nn.Module):
+    """timm's EcaModule (ECA-ResNet): a Conv1d across the pooled channels, a sigmoid gate."""
+
+    def __init__(self, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+
+    def forward(self, x):
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        return x * y.view(x.shape[0], -1, 1, 1).sigmoid()
+
+
 class ResNetD(nn.Module):
     """Stem conv s2 + BN + ReLU + MaxPool2d(3, 2, 1); a bottleneck whose shortcut is AvgPool2d(2, 2,
-    ceil_mode, count_include_pad=False) + 1x1 conv; functional pooling and torch.flatten in the head."""
+    ceil_mode, count_include_pad=False) + 1x1 conv, with ECA attention (Conv1d) on the residual branch;
+    functional pooling and torch.flatten in the head."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
@@ -29,6 +42,7 @@ class ResNetD(nn.Module):
         self.bn3 = nn.BatchNorm2d(4)
         self.expand = nn.Conv2d(4, 16, 1, bias=False)
         self.bn4 = nn.BatchNorm2d(16)
+        self.eca = EfficientChannelAttention()
         self.down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False),
                                   nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
         self.fc = nn.Linear(16, classes)
@@ -37,7 +51,7 @@ class ResNetD(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = self.relu(self.bn2(self.reduce(x)))
         out = self.relu(self.bn3(self.conv3(out)))
-        out = self.bn4(self.expand(out))
+        out = self.eca(self.bn4(self.expand(out)))
         out += self.down(x)
         out = self.relu(out)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
