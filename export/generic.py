@@ -229,10 +229,15 @@ def trace_batch(values, avoid=()) -> int:
     return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
+def _sizes(tensors) -> set[int]:
+    """Every dimension of these tensors (parameters: a 7x7 kernel's 7 is no batch size to trace at either)."""
+    return {int(size) for tensor in tensors for size in tensor.shape}
+
+
 class _PlainNorms(torch.overrides.TorchFunctionMode):
-    """Eval-mode ``F.batch_norm`` and ``F.group_norm`` as plain arithmetic under vmap: vmap has no batching
-    rule for the batch_norm op and would unroll a loop over the trace batch, and group_norm's batching rule
-    folds the batch into a constant size (either way a graph only valid at that batch size). And ``F.conv2d``
+    """Eval-mode ``F.batch_norm`` (and one without running statistics), and ``F.group_norm``, as plain
+    arithmetic under vmap: vmap has no batching rule for the batch_norm op and would unroll a loop over the
+    trace batch, and group_norm's batching rule folds the batch into a constant size (either way a graph only valid at that batch size). And ``F.conv2d``
     as patches times weights (``F.conv1d`` too, as a 1-pixel-high 2-D one: ECA's channel convolution): the
     batching rule of a convolution's weight gradient folds the samples into its groups, which ONNX needs
     constant."""
@@ -244,6 +249,8 @@ class _PlainNorms(torch.overrides.TorchFunctionMode):
             bound = dict(zip(names, args), **kwargs)
             if not bound.get("training", False) and bound.get("running_var") is not None:
                 return _eval_batch_norm(**bound)
+            if bound.get("running_mean") is None and bound.get("running_var") is None:
+                return _batch_statistics_norm(**bound)
         if func is F.group_norm:
             names = ("input", "num_groups", "weight", "bias", "eps")
             return _group_norm(**dict(zip(names, args), **kwargs))
@@ -265,6 +272,16 @@ def _eval_batch_norm(input, running_mean, running_var, weight=None, bias=None, e
     shape = (1, -1) + (1,) * (input.dim() - 2)
     y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var + eps).reshape(shape)
     return _affine(y, weight, bias)
+
+
+def _batch_statistics_norm(input, weight=None, bias=None, eps=1e-5, **_):
+    """``F.batch_norm`` without running statistics (training mode, no state to update): the input's own
+    statistics over every dimension but the channels, as timm's weight-standardised convolutions
+    (``ScaledStdConv2d``) normalise their weights."""
+    dims = [0, *range(2, input.dim())]
+    mean = input.mean(dim=dims, keepdim=True)
+    variance = (input - mean).pow(2).mean(dim=dims, keepdim=True)
+    return _affine((input - mean) * torch.rsqrt(variance + eps), weight, bias)
 
 
 def _patch_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -584,9 +601,10 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
     what = "per-sample parameter-gradient norms"
     traced = _make_fx(norms, flat + parameters + [grad], where, what)
     if _has_batch_constants(traced, batch):
-        other = trace_batch(list(call.values.values()), avoid={batch})
-        rows = torch.arange(other) % batch
         batched = _batched_positions(spec, batched_slots)
+        weights = [v for i, v in enumerate(flat) if i not in batched and isinstance(v, torch.Tensor)] + parameters
+        other = trace_batch(list(call.values.values()), avoid={batch} | _sizes(weights))
+        rows = torch.arange(other) % batch
         resized = [value[rows] if i in batched else value for i, value in enumerate(flat)]
         second = _make_fx(norms, resized + parameters + [grad[rows]], where, what)
         _free_batch_constants(traced, second, batch, other, where)

@@ -117,7 +117,9 @@ class ProbeModule(nn.Module):
         Dimensions that follow the batch (a ViT's permuted qkv holds it second) are told apart by a second run."""
         with torch.no_grad():
             envs = {b: self.run_graph(example[torch.arange(b) % len(example)]) for b in (7, 11)}
-            fixed = frozenset(_fixed_sizes(envs[7], envs[11]))
+            fixed = frozenset(_fixed_sizes(envs[7], envs[11])) | {  # and the weights' sizes (a 7x7 kernel)
+                int(size) for tensor in (*self.graph_module.parameters(), *self.graph_module.buffers())
+                for size in tensor.shape}
             for batch in (7, 11, 13, 17, 19, 23, 29, 31):
                 if batch not in fixed:
                     self.example_batch, self.activation_sizes = batch, fixed

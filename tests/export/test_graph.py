@@ -249,3 +249,50 @@ def test_pointwise_conv_classifier_is_read_as_a_linear(tmp_path):
                   for dtype in (torch.float32, torch.float64)]
     verdict = check_sqnorms(model, torch.from_numpy(images), ours.layer_grad_sqnorm, references, names)
     assert verdict["error"] <= 1e-4, verdict
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's ScaledStdConv2d (NF-ResNet): the weight standardised per output channel by ``F.batch_norm`` in
+    training mode without running statistics, times a learned gain, then the convolution."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1) * 1.5)
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              weight=(self.gain * 0.5).view(-1), training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+class WeightStandardisedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = StdConv2d(3, 6, 7, 2, 3)  # a 7x7 kernel: 7 is also the first batch size the tracer would try
+        self.act = nn.ReLU()
+        self.conv = StdConv2d(6, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(self.act(self.stem(x)))).mean((2, 3)))
+
+
+def test_weight_standardised_convs_have_per_sample_norms(tmp_path):
+    """NF-ResNet's convolutions: their norms (weight, bias and gain, through the standardisation) come from the
+    generic rule, one graph for every batch size, and match vmap(grad). Its 7x7 stem once made the tracer pick
+    7 as a batch size, which duck sizing tied to the kernel's size (two traces, two different graphs)."""
+    from gradprobe.export.kinks import check_sqnorms
+
+    from .test_layer_grads import vmap_sqnorms
+
+    torch.manual_seed(0)
+    model = WeightStandardisedNet().eval()
+    images = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(1)).numpy()
+    probe = gradprobe.load(gradprobe.export(model, images[:4], tmp_path / "b", layer_grads=True))
+    names = list(probe.manifest.classifier.layer_grads.names)
+    assert {"stem.gain", "conv.weight"} <= set(names)
+    ours = probe.run(images).layer_grad_sqnorm
+    references = [vmap_sqnorms(model, images, ((0.0,), (1.0,)), names, dtype=dtype)
+                  for dtype in (torch.float32, torch.float64)]
+    verdict = check_sqnorms(model, torch.from_numpy(images), ours, references, names)
+    assert verdict["error"] <= 1e-4, verdict
