@@ -30,11 +30,14 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def normalize_maps(maps: np.ndarray) -> np.ndarray:
-    """Min-max normalise each map to [0, 1]; a constant map becomes all zeros."""
-    flat = maps.reshape(len(maps), -1)
-    low = flat.min(axis=1, keepdims=True)
-    shifted = flat - low
-    return (shifted / (shifted.max(axis=1, keepdims=True) + 1e-7)).reshape(maps.shape).astype(np.float32)
+    """Min-max normalise each map to [0, 1]; a constant map becomes all zeros. Scale-free (no epsilon added to
+    the range): a map's look does not depend on the size of its logits (pytorch-grad-cam's ``+ 1e-7`` shows
+    on maps whose range is near 1e-4, as a random-init AlexNet's Grad-CAM has)."""
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    shifted = flat - flat.min(axis=1, keepdims=True)
+    span = shifted.max(axis=1, keepdims=True)
+    normalised = np.divide(shifted, span, out=np.zeros_like(shifted), where=span > 0)
+    return normalised.reshape(maps.shape).astype(np.float32)
 
 
 def _pyplot():

@@ -58,3 +58,13 @@ def test_png_decodes_grows_with_rows_and_puts_heat_where_the_map_is_high(tmp_pat
     columns_red = np.nonzero(red)[1]
     assert columns_red.min() > width / 3 * 0.9               # no heat on the input panel (first third)
     assert not list(tmp_path.glob(".*.tmp"))                 # written atomically
+
+
+def test_normalised_maps_do_not_depend_on_the_maps_scale():
+    """Min-max normalisation without an epsilon on the range: a map whose values span 1e-4 (a random-init
+    AlexNet's Grad-CAM) looks as the same map at scale 1 does; a constant map is all zeros."""
+    maps = np.random.default_rng(0).random((3, 5, 7)).astype(np.float32)
+    maps[2] = 0.25
+    small, large = normalize_maps(maps * 1e-4), normalize_maps(maps)
+    np.testing.assert_allclose(small, large, atol=1e-6)
+    assert small[:2].max() == 1.0 and small[:2].min() == 0.0 and not small[2].any()
