@@ -181,7 +181,7 @@ def check(name: str, workdir: Path) -> dict:
 
     import gradprobe
     from gradprobe.export.graph import trace
-    from gradprobe.export.kinks import check_sqnorms
+    from gradprobe.export.kinks import check_sqnorms, relative_errors
     from gradprobe.export.reference import ResearchReference
 
     torch.set_num_threads(1)
@@ -285,9 +285,7 @@ def check(name: str, workdir: Path) -> dict:
     row["vmap_s"] = round(time.perf_counter() - started, 1)
     verdict = check_sqnorms(model, x, ours.layer_grad_sqnorm, references, names)
     row["layer_grads_error"] = verdict["error"]
-    floor = 0.1  # as check_sqnorms: relative, floor 0.1 of the norm
-    row["float32_reference_layer_grads_error"] = float(
-        (np.abs(references[0] - references[1]) / np.maximum(np.abs(references[1]), floor)).max())
+    row["float32_reference_layer_grads_error"] = float(relative_errors(references[0], references[1]).max())
     row["kink_samples"] = verdict["kink_samples"]
     row["ok"] = _passes(row)
     return row

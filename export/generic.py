@@ -229,7 +229,7 @@ def trace_batch(values, avoid=()) -> int:
     return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
 
 
-def _sizes(tensors) -> set[int]:
+def tensor_sizes(tensors) -> set[int]:
     """Every dimension of these tensors (parameters: a 7x7 kernel's 7 is no batch size to trace at either)."""
     return {int(size) for tensor in tensors for size in tensor.shape}
 
@@ -237,10 +237,10 @@ def _sizes(tensors) -> set[int]:
 class _PlainNorms(torch.overrides.TorchFunctionMode):
     """Eval-mode ``F.batch_norm`` (and one without running statistics), and ``F.group_norm``, as plain
     arithmetic under vmap: vmap has no batching rule for the batch_norm op and would unroll a loop over the
-    trace batch, and group_norm's batching rule folds the batch into a constant size (either way a graph only valid at that batch size). And ``F.conv2d``
-    as patches times weights (``F.conv1d`` too, as a 1-pixel-high 2-D one: ECA's channel convolution): the
-    batching rule of a convolution's weight gradient folds the samples into its groups, which ONNX needs
-    constant."""
+    trace batch, and group_norm's batching rule folds the batch into a constant size (either way a graph only
+    valid at that batch size). And ``F.conv2d`` as patches times weights (``F.conv1d`` too, as a 1-pixel-high
+    2-D one: ECA's channel convolution): the batching rule of a convolution's weight gradient folds the
+    samples into its groups, which ONNX needs constant."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -603,7 +603,7 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
     if _has_batch_constants(traced, batch):
         batched = _batched_positions(spec, batched_slots)
         weights = [v for i, v in enumerate(flat) if i not in batched and isinstance(v, torch.Tensor)] + parameters
-        other = trace_batch(list(call.values.values()), avoid={batch} | _sizes(weights))
+        other = trace_batch(list(call.values.values()), avoid={batch} | tensor_sizes(weights))
         rows = torch.arange(other) % batch
         resized = [value[rows] if i in batched else value for i, value in enumerate(flat)]
         second = _make_fx(norms, resized + parameters + [grad[rows]], where, what)

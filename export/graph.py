@@ -413,11 +413,11 @@ class PointwiseLinear(nn.Linear):
 
 
 def _is_pointwise_head(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op != "call_module" or not isinstance(module := graph_module.get_submodule(node.target), nn.Conv2d):
+    if node.op != "call_module" or type(module := graph_module.get_submodule(node.target)) is not nn.Conv2d:
         return False
     shape = _shape(node.args[0]) if node.args else None
-    return (type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.stride == (1, 1)
-            and module.padding in ((0, 0), 0) and module.dilation == (1, 1) and module.groups == 1
+    return (module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding == (0, 0)
+            and module.dilation == (1, 1) and module.groups == 1
             and shape is not None and len(shape) == 4 and tuple(shape[2:]) == (1, 1))
 
 

@@ -173,7 +173,8 @@ def near_kinks(graph_module: fx.GraphModule, x: torch.Tensor, margin: float = MA
         if value is None:
             continue
         distance, point, index = _distances(graph_module, node, kinks[node], value)
-        for position in torch.nonzero(distance[0] < float(np.atleast_1d(units.get(node, margin))[0])).flatten().tolist():
+        unit = float(np.atleast_1d(units.get(node, margin))[0])
+        for position in torch.nonzero(distance[0] < unit).flatten().tolist():
             found.append((node, int(index[0, position]), float(point[0, position]), float(distance[0, position])))
     return found
 
@@ -281,7 +282,7 @@ def _best_flips(ours: np.ndarray, base: list[np.ndarray], flipped: list[list[np.
         sets = (np.arange(start, min(start + 4096, 2 ** len(flipped)))[:, None] >> np.arange(len(flipped))) & 1
         sets = sets.astype(np.float64)
         norms = squares + 2 * sets @ linear + np.einsum("nj,jkl,nk->nl", sets, gram, sets)
-        worst = _errors(ours[None], norms).max(axis=1)
+        worst = relative_errors(ours[None], norms).max(axis=1)
         if worst.min() < best_error:
             best, best_error = sets[worst.argmin()], float(worst.min())
     return best
@@ -303,7 +304,8 @@ def _flip(choice, positions) -> list[float]:
     return flipped
 
 
-def _errors(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
+def relative_errors(ours: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|ours - reference| relative to the reference, floored at ABSOLUTE_FLOOR / RELATIVE (the oracle's measure)."""
     return np.abs(ours - reference) / np.maximum(np.abs(reference), ABSOLUTE_FLOOR / RELATIVE)
 
 
@@ -317,7 +319,7 @@ def check_sqnorms(model: nn.Module, x: torch.Tensor, ours: np.ndarray, reference
     Returns {"error": worst error after the kink check, "kink_samples": samples resolved on another side,
     "unresolved": [(sample, number of kinks)]}.
     """
-    per_sample = np.min([_errors(ours, np.asarray(ref)) for ref in references], axis=0).max(axis=1)
+    per_sample = np.min([relative_errors(ours, np.asarray(ref)) for ref in references], axis=0).max(axis=1)
     failing = [int(i) for i in np.nonzero(per_sample > tolerance)[0]]
     result = {"error": float(per_sample.max(initial=0.0)), "kink_samples": 0, "unresolved": []}
     if not failing:
@@ -339,7 +341,7 @@ def check_sqnorms(model: nn.Module, x: torch.Tensor, ours: np.ndarray, reference
                        for j in range(len(kinks))]
             chosen = _best_flips(ours[index], base, flipped)
             choice = _flip(choice, np.nonzero(chosen)[0])
-        errors = _errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, choice, loss))
+        errors = relative_errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, choice, loss))
         # then single flips, closest kink first, kept when they bring the reference closer over all layers
         # (the first-order search can miss where flips interact); sweeps repeat while a flip helps
         for _ in range(MAX_SWEEPS):
@@ -348,7 +350,8 @@ def check_sqnorms(model: nn.Module, x: torch.Tensor, ours: np.ndarray, reference
             improved = False
             for position in range(len(kinks)):
                 trial = _flip(choice, [position])
-                trial_errors = _errors(ours[index], sided_sqnorms(graph_module, sample, names, kinks, trial, loss))
+                trial_errors = relative_errors(ours[index],
+                                               sided_sqnorms(graph_module, sample, names, kinks, trial, loss))
                 if trial_errors.sum() < errors.sum():
                     choice, errors, improved = trial, trial_errors, True
             if not improved:

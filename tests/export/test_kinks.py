@@ -38,17 +38,24 @@ class Small(nn.Module):
         return self.fc(self.flatten(self.gap(self.relu2(self.conv2(self.relu1(self.bn1(self.conv1(x))))))))
 
 
-@pytest.fixture(scope="module")
-def at_a_kink():
-    """A model and one image whose relu1 input has one element at 1e-9 (the rest far from zero)."""
+def small_at_kinks(places) -> tuple[nn.Module, torch.Tensor]:
+    """``Small`` and one image whose relu1 input is 1e-9 at each (channel, row, col) of ``places``, one place per
+    channel (a BatchNorm shift each), the rest far from zero."""
     torch.manual_seed(0)
     model = Small().eval()
     image = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.fc.weight.mul_(20)  # gradient norms of order 1: the jump shows above the parity floor
         pre = model.bn1(model.conv1(image))
-        channel, row, col = 2, 3, 4
-        model.bn1.bias[channel] -= pre[0, channel, row, col] - 1e-9
+        for channel, row, col in places:
+            model.bn1.bias[channel] -= pre[0, channel, row, col] - 1e-9
+    return model, image
+
+
+@pytest.fixture(scope="module")
+def at_a_kink():
+    """A model and one image whose relu1 input has one element at 1e-9 (the rest far from zero)."""
+    model, image = small_at_kinks([(2, 3, 4)])
     return model, image.numpy()
 
 
@@ -155,15 +162,7 @@ def test_the_oracle_counts_the_float32_drift_too():
 @pytest.fixture(scope="module")
 def at_several_kinks():
     """relu1 of ``Small`` with four elements at 1e-9 (different channels and places)."""
-    torch.manual_seed(0)
-    model = Small().eval()
-    image = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        model.fc.weight.mul_(20)
-        for channel, row, col in ((0, 1, 1), (1, 4, 2), (2, 3, 4), (3, 0, 5)):
-            pre = model.bn1(model.conv1(image))
-            model.conv1.bias[channel] -= pre[0, channel, row, col] - 1e-9
-    return model, image
+    return small_at_kinks([(0, 1, 1), (1, 4, 2), (2, 3, 4), (3, 0, 5)])
 
 
 @pytest.mark.parametrize("flipped", [(0, 2), (1, 2, 3), (0, 1, 2, 3)])
