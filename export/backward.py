@@ -78,6 +78,7 @@ class Rule:
     methods: tuple = ()
     accepts: Callable | None = None
     note: str = ""
+    takes_tuples: bool = False  # routes a gradient to an argument that is a tuple of tensors (``torch.cat(parts)``)
 
 
 @dataclass
@@ -121,10 +122,12 @@ class Registry:
 RULES = Registry()
 
 
-def register(name: str, *, modules=(), functions=(), methods=(), accepts=None, note: str = ""):
+def register(name: str, *, modules=(), functions=(), methods=(), accepts=None, note: str = "",
+             takes_tuples: bool = False):
     """Decorator: register ``backward(call, grad)`` as the rule for these modules, functions and methods."""
     def decorate(backward):
-        RULES.add(Rule(name, backward, tuple(modules), tuple(functions), tuple(methods), accepts, note))
+        RULES.add(Rule(name, backward, tuple(modules), tuple(functions), tuple(methods), accepts, note,
+                       takes_tuples))
         return backward
     return decorate
 
@@ -222,11 +225,18 @@ class Backward(nn.Module):
         call = make_call(graph_module, node, env)
         # integer and boolean inputs (masks from comparisons, indices) get no gradient, as in autograd
         wanted = [n for n in call.inputs if n in needed and env[n].is_floating_point()]
-        if not wanted:
+        # a tuple of tensors passed as one argument (``torch.cat(x.chunk(4, 1)[1:])``)
+        packed = [n for n in node.all_input_nodes if n in needed and isinstance(env.get(n), (tuple, list))
+                  and _carries_gradient(env[n])]
+        if not wanted and not packed:
             return Step(node)
-        rule = RULES.find(node, call.module) if use_hand_rules else None
-        if rule is not None and (rule.accepts is None or rule.accepts(call)):
+        # the generic rule differentiates tensor arguments only: a tuple argument takes its hand rule always
+        rule = RULES.find(node, call.module) if use_hand_rules or packed else None
+        if rule is not None and (rule.accepts is None or rule.accepts(call)) and (rule.takes_tuples or not packed):
             return Step(node, rule=rule)
+        if packed:  # never drop this gradient in silence
+            raise no_rule_error(graph_module, node, f"it takes the tuple {', '.join(n.name for n in packed)} as "
+                                f"one argument, and only a hand rule ({_tuple_rules()}) routes a gradient into one")
         key = self.derived.vjp(graph_module, call, wanted, where(graph_module, node), self.vjps)
         return Step(node, generic=key)
 
@@ -269,7 +279,8 @@ class Backward(nn.Module):
                 if isinstance(input_grad, tuple) and input_grad and input_grad[0] == "item":
                     _, index, item_grad = input_grad
                     items = grads.setdefault(input_node, {})
-                    items[index] = item_grad if index not in items else items[index] + item_grad
+                    for position, piece in _item_positions(len(env[input_node]), index, item_grad):
+                        items[position] = piece if position not in items else items[position] + piece
                     continue
                 shape = tuple(env[input_node].shape[1:])
                 if input_node not in broadcastable and tuple(input_grad.shape[1:]) != shape:
@@ -277,6 +288,18 @@ class Backward(nn.Module):
                 grads[input_node] = grads[input_node] + input_grad if input_node in grads else input_grad
         kept.update({node: grad for node, grad in grads.items() if node in keep})
         return kept
+
+
+def _item_positions(length: int, index, grad):
+    """(position, gradient) pairs of a tuple item's gradient: ``x[-1]`` is item ``length - 1``, and a slice
+    ``x[1:]`` (itself a tuple) passes each of its items' gradients to their positions."""
+    if isinstance(index, slice):
+        return [(position, piece) for position, piece in zip(range(length)[index], grad) if piece is not None]
+    return [(index % length, grad)]
+
+
+def _tuple_rules() -> str:
+    return ", ".join(rule.name for rule in RULES.rules if rule.takes_tuples)
 
 
 def _carries_gradient(value) -> bool:

@@ -13,7 +13,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from .backward import Call, _pair, register
 
@@ -377,16 +377,34 @@ def _cat_dim(call: Call) -> int:
     return dim % call.output.dim()
 
 
-@register("cat", functions=(torch.cat, torch.concat, torch.concatenate))
+@register("cat", functions=(torch.cat, torch.concat, torch.concatenate), takes_tuples=True)
 def cat(call: Call, grad):
     dim, start, result = _cat_dim(call), 0, {}
-    for part in call.node.args[0]:
+    parts = call.node.args[0]
+    if isinstance(parts, fx.Node):  # one node holding a tuple (``torch.cat(x.chunk(4, 1)[1:])``): its items' gradients
+        sizes = [value.shape[dim] for value in call.value(parts)]
+        return {parts: ("item", slice(None), list(grad.split(sizes, dim=dim)))}
+    for part in parts:
         value = call.value(part)
         size = value.shape[dim]
         if hasattr(part, "op"):
             piece = grad.narrow(dim, start, size)
             result[part] = piece if part not in result else result[part] + piece
         start += size
+    return result
+
+
+@register("stack", functions=(torch.stack,), takes_tuples=True)
+def stack(call: Call, grad):
+    dim = call.option("dim", 1, 0) % call.output.dim()
+    parts = call.node.args[0]
+    pieces = grad.unbind(dim)
+    if isinstance(parts, fx.Node):  # one node holding a tuple
+        return {parts: ("item", slice(None), list(pieces))}
+    result = {}
+    for part, piece in zip(parts, pieces):
+        if hasattr(part, "op"):
+            result[part] = piece if part not in result else result[part] + piece
     return result
 
 

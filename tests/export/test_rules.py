@@ -84,6 +84,12 @@ CASES = {
     "chunk": (_case(call=lambda self, x: x.chunk(2, dim=1)[1] * 3), (3, 4, 5, 5)),
     "split": (_case(call=lambda self, x: torch.split(x, [1, 3], dim=1)[0]), (3, 4, 5, 5)),
     "unbind": (_case(call=lambda self, x: x.unbind(1)[2]), (3, 4, 5)),
+    # Res2Net reads its last split as ``spx[-1]``: a negative index must reach the last item's gradient
+    "split_negative_index": (_case(call=lambda self, x: torch.split(x, 1, dim=1)[-1] * 2 + x.chunk(2, 1)[0][:, :1]),
+                             (3, 4, 5, 5)),
+    "split_slice": (_case(call=lambda self, x: torch.cat(x.chunk(4, dim=1)[1:], dim=1)), (3, 4, 5, 5)),
+    "stack": (_case(call=lambda self, x: torch.stack([x, x * 2], dim=2).flatten(1, 2)), (3, 4, 5, 5)),
+    "stack_tuple": (_case(call=lambda self, x: torch.stack(x.chunk(2, dim=1)[::-1], dim=-1) * 3), (3, 4, 5, 5)),
     "getitem_token": (_case(call=lambda self, x: x[:, 0]), (3, 5, 4)),
     "getitem_slice": (_case(call=lambda self, x: x[:, 1:3, ..., None]), (3, 5, 4)),
     "add_broadcast": (_case(call=lambda self, x: x + x.mean((2, 3), keepdim=True)), (3, 4, 5, 5)),
@@ -169,13 +175,27 @@ def test_hand_rule_matches_autograd(name):
 def test_generic_rule_matches_autograd(name):
     """The autograd-derived rule on the same calls (what any call without a hand rule gets)."""
     backward = _check(name, CASES[name], hand=False)
-    assert all(step.rule is None for step in backward.steps.values())
+    # a tuple of tensors as one argument (torch.cat(parts[1:])) always takes the hand rule that routes it
+    assert all(step.rule is None or step.rule.takes_tuples for step in backward.steps.values())
 
 
 @pytest.mark.parametrize("name", sorted(GENERIC))
 def test_calls_without_hand_rule_are_generic(name):
     backward = _check(name, GENERIC[name], hand=True)
     assert any(step.generic is not None for step in backward.steps.values())
+
+
+def test_a_tuple_argument_without_a_rule_is_refused_not_dropped():
+    """A call that takes a tuple of tensors as one argument and has no rule to route its gradient (hstack here)
+    is an ExportError naming the node: the generic rule differentiates tensor arguments only."""
+    from gradprobe.base.errors import ExportError
+
+    module = _case(call=lambda self, x: torch.hstack(x.chunk(2, dim=1)) * 3)
+    graph_module, env, x = _traced(module, (3, 4, 5, 5))
+    output_node = next(n for n in graph_module.graph.nodes if n.op == "output").args[0]
+    x_node = next(n for n in graph_module.graph.nodes if n.op == "placeholder")
+    with pytest.raises(ExportError, match=r"hstack.*takes the tuple chunk as one argument"):
+        _backward(graph_module, env, x_node, output_node, torch.ones(3, 4, 5, 5), hand=True)
 
 
 def test_generic_graphs_hold_only_forward_ops():

@@ -1,7 +1,8 @@
 """Architectures beyond our reference models export and match autograd.
 
 - default suite (main venv, no torchvision): small models written as torchvision and timm write theirs
-  (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT),
+  (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT,
+  GhostNet, MobileViT, Res2Net),
   every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
   ``vmap(grad)``;
 - ``peers``: real torchvision and timm models through ``benchmarks/zoo.py`` in ``.venv-peers`` (Grad-CAM against

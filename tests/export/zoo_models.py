@@ -4,7 +4,8 @@ Each reproduces the operations of one family that the closed list of backward ru
 overlapping max-pool stem and avg-pool downsample of ResNet-D, the hardswish/SE heads of MobileNetV3, SiLU
 and a BatchNorm subclass with its activation inside (timm's BatchNormAct2d) of EfficientNet, ConvNeXt's
 channels-last LayerNorm/Linear/GELU with a layer scale and a LayerNorm2d subclass, DenseNet/GoogLeNet's
-concatenations and functional ReLU, RegNet/ShuffleNet's GroupNorm, channel shuffle and chunk, and a tiny ViT.
+concatenations and functional ReLU, RegNet/ShuffleNet's GroupNorm, channel shuffle and chunk, Res2Net's
+split scales, and a tiny ViT.
 """
 from __future__ import annotations
 
@@ -386,10 +387,53 @@ class MobileViTish(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class Res2Block(nn.Module):
+    """timm's Bottle2neck: the 1x1 conv's output split into scales (``torch.split``), each scale's 3x3 conv fed
+    the previous one's output plus its own split, and the last split passed on as ``spx[-1]`` (a negative
+    index into a tuple), average-pooled in the first block of a stage; the scales concatenated."""
+
+    def __init__(self, channels: int, width: int, scale: int, first: bool):
+        super().__init__()
+        self.width, self.first = width, first
+        self.conv1 = nn.Conv2d(channels, width * scale, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, 1, 1, bias=False) for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
+        self.pool = nn.AvgPool2d(3, 1, 1) if first else None
+        self.conv3 = nn.Conv2d(width * scale, channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        spx = torch.split(self.relu(self.bn1(self.conv1(x))), self.width, 1)
+        spo = []
+        sp = spx[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = spx[i] if i == 0 or self.first else sp + spx[i]
+            sp = self.relu(bn(conv(sp)))
+            spo.append(sp)
+        spo.append(self.pool(spx[-1]) if self.pool is not None else spx[-1])
+        return self.relu(self.bn3(self.conv3(torch.cat(spo, 1))) + x)
+
+
+class Res2Netish(nn.Module):
+    """Two Res2Net bottlenecks (the first of a stage with its pooled last scale, then a later one)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block1 = Res2Block(16, 4, 4, first=True)
+        self.block2 = Res2Block(16, 4, 4, first=False)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
        "vit": TinyViT, "ghostnet": GhostNetish,
-       "mobilevit": MobileViTish}
+       "mobilevit": MobileViTish, "res2net": Res2Netish}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
