@@ -103,13 +103,19 @@ def build(name: str):
 
 
 def nontrivial_statistics(model, size: int):
-    """Affine normalisation parameters and layer scales drawn at random, then BatchNorm running statistics
-    from three train-mode passes on noise (cumulative averages), then eval mode."""
+    """Linear layers initialised to all zeros given nn.Linear's own init; affine normalisation parameters and
+    layer scales drawn at random, then BatchNorm running statistics from three train-mode passes on noise
+    (cumulative averages), then eval mode."""
     import torch
     from torch import nn
 
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        for module in model.modules():
+            # torchvision's ViTs start with an all-zero head: logits that depend on nothing, which a trained
+            # model never has (and which gradprobe refuses: "its derivative is zero"); nn.Linear's own init
+            if isinstance(module, nn.Linear) and not module.weight.any():
+                module.reset_parameters()
         for name, module in model.named_modules():
             if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
                 if getattr(module, "weight", None) is not None:

@@ -81,7 +81,8 @@ class ResearchReference:
         self.model.zero_grad(set_to_none=True)
         activation.grad = None
         loss.backward(retain_graph=True)
-        return self.linear.weight.grad, self.linear.bias.grad, activation.grad
+        bias = self.linear.bias  # None for a head without one (torchvision's MaxViT)
+        return self.linear.weight.grad, None if bias is None else bias.grad, activation.grad
 
     def last_layer_gradients(self, images: np.ndarray) -> np.ndarray:
         """dCE(z, i)/dW of the last Linear for every image and class i, [N, C, C, d]: per image, one autograd

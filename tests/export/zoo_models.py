@@ -417,14 +417,15 @@ class Res2Block(nn.Module):
 
 
 class Res2Netish(nn.Module):
-    """Two Res2Net bottlenecks (the first of a stage with its pooled last scale, then a later one)."""
+    """Two Res2Net bottlenecks (the first of a stage with its pooled last scale, then a later one), and a head
+    without a bias (as torchvision's MaxViT has)."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.block1 = Res2Block(16, 4, 4, first=True)
         self.block2 = Res2Block(16, 4, 4, first=False)
-        self.fc = nn.Linear(16, classes)
+        self.fc = nn.Linear(16, classes, bias=False)
 
     def forward(self, x):
         return self.fc(self.block2(self.block1(self.stem(x))).mean((2, 3)))
