@@ -26,7 +26,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe.base.bundle import write_bundle
-from gradprobe.base.errors import ExportError, InputError
+from gradprobe.base.errors import ExportError, GradprobeError, InputError
 from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
                                      LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
@@ -223,6 +223,11 @@ def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: 
         return None
     try:
         return engine.infer(images.numpy(), feeds)
+    except GradprobeError:
+        raise
+    except Exception as error:  # ONNX Runtime's own failure types: a graph that loads but cannot run
+        raise ExportError(f"{what} loads in ONNX Runtime but fails when run on a batch of {len(images)}: "
+                          f"{type(error).__name__}: {str(error)[:600]}") from error
     finally:
         engine.close()
 

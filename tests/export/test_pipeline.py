@@ -70,6 +70,22 @@ def test_non_differentiable_head_layer_is_named(tmp_path):
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_graph_that_loads_but_fails_to_run_is_an_export_error(tmp_path, monkeypatch):
+    """ONNX Runtime's own failure types (a ScatterND of the wrong shape, as the exporter once wrote for timm's
+    VGG) become an ExportError at verification, and nothing is written."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    from gradprobe.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    def fail(self, feeds):
+        raise InvalidArgument("Non-zero status code returned while running ScatterND node")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_infer", fail)
+    with pytest.raises(ExportError, match=r"loads in ONNX Runtime but fails when run.*InvalidArgument.*ScatterND"):
+        gradprobe.export(_GeluHead(), torch.rand(2, 1, 8, 8), tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
 class _SoftmaxOut(_GeluHead):
     def forward(self, x):
         return torch.softmax(super().forward(x), 1)
