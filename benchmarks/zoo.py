@@ -537,7 +537,8 @@ def table(results: Path, out: Path) -> None:
         lines += [f"## {title}", "",
                   f"CNNs: **{len(passed)}/{len(cnn)} pass** ({100 * len(passed) / max(len(cnn), 1):.1f} %); "
                   f"{len(passed) + len([k for k in limited if k in cnn])}/{len(cnn)} pass or miss only within twice "
-                  f"float32 autograd's own error against float64 on the same check (float32-limited: "
+                  f"the float32 floor of the same check: float32 autograd's own error against float64, or for maps "
+                  f"the error of maps computed exactly from ONNX Runtime's plain forward (float32-limited: "
                   f"{', '.join(sorted(limited)) or 'none'}); other misses: {', '.join(sorted(fails)) or 'none'}; "
                   f"refused by the export: {', '.join(sorted(refused)) or 'none'}; timed out or crashed in the "
                   f"harness: {', '.join(sorted(stopped)) or 'none'}. Transformers: "

@@ -26,7 +26,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe.base.bundle import write_bundle
-from gradprobe.base.errors import ExportError, GradprobeError, InputError
+from gradprobe.base.errors import BundleError, ExportError, GradprobeError, InputError
 from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
                                      LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
@@ -221,6 +221,8 @@ def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: 
         warnings.warn(f"onnxruntime is not installed: {what} was not verified (pip install 'gradprobe[cpu]')",
                       stacklevel=4)
         return None
+    except BundleError as error:  # at export, a graph ONNX Runtime refuses is the export's failure
+        raise ExportError(f"{what} was written but {error}") from error
     try:
         return engine.infer(images.numpy(), feeds)
     except GradprobeError:

@@ -86,6 +86,22 @@ def test_graph_that_loads_but_fails_to_run_is_an_export_error(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_graph_that_onnx_runtime_refuses_is_an_export_error(tmp_path, monkeypatch):
+    """A graph ONNX Runtime cannot load (a Transpose of the wrong rank, as the exporter once wrote for Swin's
+    shifted-window mask) is the export's failure: an ExportError, not the loader's BundleError."""
+    import onnxruntime
+
+    class Refusing:
+        def __init__(self, model, *args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (node_Transpose_6322) Op (Transpose) "
+                               "[TypeInferenceError] Invalid attribute perm {1, 0}")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Refusing)
+    with pytest.raises(ExportError, match=r"the probe graph was written but ONNX Runtime cannot load.*perm"):
+        gradprobe.export(_GeluHead(), torch.rand(2, 1, 8, 8), tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
 class _SoftmaxOut(_GeluHead):
     def forward(self, x):
         return torch.softmax(super().forward(x), 1)
