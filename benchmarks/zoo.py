@@ -183,6 +183,23 @@ def gradcam_peer(hooked, target_name, layout, x, size):
         return cam(input_tensor=x, targets=None)
 
 
+def _inputs(size: int):
+    """The export example [4, 3, size, size] and the checked images [6, ...], the same for every check."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.random((4, 3, size, size), dtype=np.float32), rng.random((6, 3, size, size), dtype=np.float32)
+
+
+def _of_peak(got, expected):
+    """Each sample's largest map difference relative to that sample's map peak."""
+    import numpy as np
+
+    peak = np.abs(expected).reshape(len(expected), -1).max(axis=1)
+    difference = np.abs(got - expected).reshape(len(expected), -1).max(axis=1)
+    return difference / np.maximum(peak, 1e-12)
+
+
 def check(name: str, workdir: Path) -> dict:
     import numpy as np
     import torch
@@ -198,9 +215,7 @@ def check(name: str, workdir: Path) -> dict:
     model, size = build(name)
     row["params"] = int(sum(p.numel() for p in model.parameters()))
     row["input"] = size
-    rng = np.random.default_rng(0)
-    example = rng.random((4, 3, size, size), dtype=np.float32)
-    images = rng.random((6, 3, size, size), dtype=np.float32)
+    example, images = _inputs(size)
     row["build_s"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
     layer_grads = row["params"] <= LAYER_GRADS_MAX_PARAMS
@@ -241,21 +256,14 @@ def check(name: str, workdir: Path) -> dict:
                   for net, dtype in ((hooked, torch.float32), (hooked64, torch.float64))]
     map_errors = {}
     for spec in section.maps:
-        per_sample = []
-        for reference in references:
-            expected = reference[spec.name]
-            peak = np.abs(expected).reshape(len(images), -1).max(axis=1)
-            difference = np.abs(getattr(ours, spec.name) - expected).reshape(len(images), -1).max(axis=1)
-            per_sample.append(difference / np.maximum(peak, 1e-12))
+        per_sample = [_of_peak(getattr(ours, spec.name), reference[spec.name]) for reference in references]
         map_errors[spec.name] = float(np.min(per_sample, axis=0).max())
         map_errors[spec.name + "_vs_float64"] = float(per_sample[1].max())
     # what float32 autograd itself is off by (its error against float64): the precision a float32 graph can have
     row["float32_reference_map_errors"] = {}
     for spec in section.maps:
-        exact, single = references[1][spec.name], references[0][spec.name]
-        peak = np.abs(exact).reshape(len(images), -1).max(axis=1)
-        difference = np.abs(single - exact).reshape(len(images), -1).max(axis=1)
-        row["float32_reference_map_errors"][spec.name] = float((difference / np.maximum(peak, 1e-12)).max())
+        row["float32_reference_map_errors"][spec.name] = float(
+            _of_peak(references[0][spec.name], references[1][spec.name]).max())
     row["map_errors"] = {k: v for k, v in map_errors.items() if not k.endswith("_vs_float64")}
     row["map_errors_vs_float64"] = {k[:-len("_vs_float64")]: v for k, v in map_errors.items()
                                     if k.endswith("_vs_float64")}
@@ -309,16 +317,13 @@ def forward_floor(name: str) -> dict:
     import numpy as np
     import onnxruntime
     import torch
-    import torch.nn.functional as F
 
     from gradprobe.export import maps as explanation_maps
     from gradprobe.export.graph import trace
 
     torch.set_num_threads(1)
     model, size = build(name)
-    rng = np.random.default_rng(0)  # the same example and images as ``check``
-    example = rng.random((4, 3, size, size), dtype=np.float32)
-    images = rng.random((6, 3, size, size), dtype=np.float32)
+    example, images = _inputs(size)
     graph = trace(model, torch.from_numpy(example))
     hooked, hook_name = graph.with_target_module()
     target = hooked.get_submodule(hook_name)
@@ -375,12 +380,7 @@ def forward_floor(name: str) -> dict:
         return {k: np.stack(v) for k, v in out.items()}
 
     reference, from_ort = maps_from(), maps_from(activation_ort)
-    errors = {}
-    for key in reference:
-        peak = np.abs(reference[key]).reshape(len(images), -1).max(axis=1)
-        difference = np.abs(from_ort[key] - reference[key]).reshape(len(images), -1).max(axis=1)
-        errors[key] = float((difference / np.maximum(peak, 1e-12)).max())
-    return errors
+    return {key: float(_of_peak(from_ort[key], reference[key]).max()) for key in reference}
 
 
 def float32_limited(row: dict) -> bool:

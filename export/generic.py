@@ -217,8 +217,21 @@ def _fill(template, values):
 
 
 # -------------------------------------------------------------------------------------------- trace
+#: Batch sizes to trace at, in order of preference: primes, which model dimensions rarely equal.
+TRACE_BATCHES = (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53)
+
+
+def free_batch(taken) -> int:
+    """The first of ``TRACE_BATCHES`` equal to none of the sizes ``taken`` (duck sizing would tie them)."""
+    for batch in TRACE_BATCHES:
+        if batch not in taken:
+            return batch
+    raise ExportError(f"every candidate batch size ({TRACE_BATCHES[0]}..{TRACE_BATCHES[-1]}) is also a "
+                      "dimension of some activation or weight")
+
+
 def trace_batch(values, avoid=()) -> int:
-    """A batch size equal to no other size in these values (duck sizing would otherwise tie them)."""
+    """A batch size equal to no other size in these values."""
     taken = set(avoid)
     for value in values:
         for leaf in pytree.tree_leaves(value):
@@ -226,7 +239,7 @@ def trace_batch(values, avoid=()) -> int:
                 taken.update(int(s) for s in leaf.shape[1:])
             elif isinstance(leaf, int) and not isinstance(leaf, bool):
                 taken.add(int(leaf))
-    return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53) if b not in taken)
+    return free_batch(taken)
 
 
 def tensor_sizes(tensors) -> set[int]:

@@ -17,7 +17,7 @@ from . import maps as explanation_maps
 from .backward import Backward, make_call, where
 from .contrastive import MEANINGS as CONTRASTIVE_MEANINGS
 from .contrastive import contrastive_features
-from .generic import VJPCache, check_traceable, per_sample_norms, tensor_sizes
+from .generic import VJPCache, check_traceable, free_batch, per_sample_norms, tensor_sizes
 from .graph import ProbeGraph
 from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
                           expanded_sqnorm, gram_sqnorm)
@@ -119,11 +119,9 @@ class ProbeModule(nn.Module):
             envs = {b: self.run_graph(example[torch.arange(b) % len(example)]) for b in (7, 11)}
             fixed = frozenset(_fixed_sizes(envs[7], envs[11])) | tensor_sizes(  # and the weights' (a 7x7 kernel)
                 (*self.graph_module.parameters(), *self.graph_module.buffers()))
-            for batch in (7, 11, 13, 17, 19, 23, 29, 31):
-                if batch not in fixed:
-                    self.example_batch, self.activation_sizes = batch, fixed
-                    return envs.get(batch) or self.run_graph(example[torch.arange(batch) % len(example)])
-        raise ExportError("every candidate batch size (7..31) is also a dimension of some activation")
+            batch = free_batch(fixed)
+            self.example_batch, self.activation_sizes = batch, fixed
+            return envs.get(batch) or self.run_graph(example[torch.arange(batch) % len(example)])
 
     def _plan_generic_norms(self, env: dict) -> None:
         groups: dict = {}

@@ -8,6 +8,7 @@ backward ops (``generic.DECOMPOSITIONS``), so both paths share one implementatio
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -377,35 +378,30 @@ def _cat_dim(call: Call) -> int:
     return dim % call.output.dim()
 
 
-@register("cat", functions=(torch.cat, torch.concat, torch.concatenate), takes_tuples=True)
-def cat(call: Call, grad):
-    dim, start, result = _cat_dim(call), 0, {}
-    parts = call.node.args[0]
-    if isinstance(parts, fx.Node):  # one node holding a tuple (``torch.cat(x.chunk(4, 1)[1:])``): its items' gradients
-        sizes = [value.shape[dim] for value in call.value(parts)]
-        return {parts: ("item", slice(None), list(grad.split(sizes, dim=dim)))}
-    for part in parts:
-        value = call.value(part)
-        size = value.shape[dim]
-        if hasattr(part, "op"):
-            piece = grad.narrow(dim, start, size)
-            result[part] = piece if part not in result else result[part] + piece
-        start += size
-    return result
-
-
-@register("stack", functions=(torch.stack,), takes_tuples=True)
-def stack(call: Call, grad):
-    dim = call.option("dim", 1, 0) % call.output.dim()
-    parts = call.node.args[0]
-    pieces = grad.unbind(dim)
-    if isinstance(parts, fx.Node):  # one node holding a tuple
+def _to_parts(parts, pieces) -> dict:
+    """cat's and stack's gradient pieces handed to their parts: a list of nodes (constants skipped, a part
+    used twice summed), or one node holding a tuple (``torch.cat(x.chunk(4, 1)[1:])``), which gets them as its
+    items."""
+    if isinstance(parts, fx.Node):
         return {parts: ("item", slice(None), list(pieces))}
     result = {}
     for part, piece in zip(parts, pieces):
         if hasattr(part, "op"):
             result[part] = piece if part not in result else result[part] + piece
     return result
+
+
+@register("cat", functions=(torch.cat, torch.concat, torch.concatenate), takes_tuples=True)
+def cat(call: Call, grad):
+    dim, parts = _cat_dim(call), call.node.args[0]
+    values = call.value(parts) if isinstance(parts, fx.Node) else [call.value(part) for part in parts]
+    starts = itertools.accumulate((value.shape[dim] for value in values), initial=0)
+    return _to_parts(parts, [grad.narrow(dim, start, value.shape[dim]) for start, value in zip(starts, values)])
+
+
+@register("stack", functions=(torch.stack,), takes_tuples=True)
+def stack(call: Call, grad):
+    return _to_parts(call.node.args[0], grad.unbind(call.option("dim", 1, 0) % call.output.dim()))
 
 
 @register("split", functions=(torch.split, torch.chunk, torch.unbind), methods=("split", "chunk", "unbind"),
