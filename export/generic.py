@@ -83,6 +83,25 @@ def _adaptive_avg_pool_backward(grad_output, self):
     return rules.adaptive_avg_pool_input_grad(self, grad_output).expand_as(self)
 
 
+def _slice_scatter(input, src, dim=0, start=None, end=None, step=1):
+    """``input`` with ``src`` written into a slice, as slices and one concatenation: the exporter lowers
+    slice_scatter to a ScatterND/Transpose chain that breaks on negative ends and broadcast sources (an in-place
+    slice assignment such as Swin's shifted-window mask); ``cat`` and ``Slice`` are plain ONNX."""
+    if step != 1:
+        return NotImplemented
+    dim = dim % input.dim()
+    size = input.shape[dim]
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    start, end = min(max(start, 0), size), min(max(end, start), size)
+    middle = input.narrow(dim, start, end - start)
+    # zeros_like + src rather than src.expand: the exporter's constant folder drops an Expand of a constant
+    # scalar, leaving a rank-0 input to the Concat
+    pieces = [input.narrow(dim, 0, start), torch.zeros_like(middle) + src.to(input.dtype),
+              input.narrow(dim, end, size - end)]
+    return torch.cat(pieces, dim)
+
+
 def decompositions() -> dict:
     """Core aten decompositions plus the backward ops core aten leaves whole, as the hand rules compute them."""
     from torch._decomp import core_aten_decompositions, get_decompositions
@@ -95,6 +114,7 @@ def decompositions() -> dict:
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool_backward
     table[aten.avg_pool2d_backward.default] = _avg_pool_backward
     table[aten._adaptive_avg_pool2d_backward.default] = _adaptive_avg_pool_backward
+    table[aten.slice_scatter.default] = _slice_scatter
     return table
 
 
@@ -344,6 +364,13 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
             warnings.simplefilter("ignore")
             traced = make_fx(function, tracing_mode="symbolic", decomposition_table=_table(),
                              _allow_non_fake_inputs=True)(*inputs)
+            _portable(traced)
+            if _mutates(traced):
+                # a second trace of the graph, functionalized: an in-place write into a slice (a mask built by
+                # slice assignment) becomes the slice_scatter that the table rewrites, not a copy_ that
+                # torch.export would lower to a ScatterND/Transpose chain that ONNX Runtime refuses
+                traced = make_fx(torch.func.functionalize(traced), tracing_mode="symbolic",
+                                 decomposition_table=_table(), _allow_non_fake_inputs=True)(*inputs)
     except ExportError as error:
         raise ExportError(f"{where}: {error}") from error
     except Exception as error:
@@ -363,6 +390,11 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
     if leftover:
         raise ExportError(f"{where}: the {what} needs {leftover}, which no forward op decomposes")
     return traced
+
+
+def _mutates(traced: fx.GraphModule) -> bool:
+    return any(node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+               and node.target._schema.is_mutable for node in traced.graph.nodes)
 
 
 def _portable(traced: fx.GraphModule) -> None:

@@ -158,7 +158,9 @@ class PatchExtractor(nn.Module):
         spec = self.spec
         if spec.kernel == (1, 1) and spec.stride == (1, 1) and spec.padding == (0, 0):
             return x.reshape(-1, spec.groups, spec.patch_size, x.shape[2] * x.shape[3])
-        patches = F.conv2d(x, self.one_hot, None, spec.stride, spec.padding, spec.dilation, spec.in_channels)
+        # .to: a no-op in the exported float32 graph; lets the module run in float64 (gradprobe.export.exact)
+        one_hot = self.one_hot.to(x.dtype)
+        patches = F.conv2d(x, one_hot, None, spec.stride, spec.padding, spec.dilation, spec.in_channels)
         return patches.reshape(-1, spec.groups, spec.patch_size, patches.shape[2] * patches.shape[3])
 
 

@@ -287,11 +287,13 @@ def avg_pool2d(call: Call, grad):
 
 def _bins(size: int, out: int) -> torch.Tensor:
     """[out, size] averaging matrix of adaptive pooling along one axis (PyTorch's floor/ceil bin edges)."""
-    matrix = torch.zeros(out, size)
+    rows = []
     for i in range(out):
         start, end = (i * size) // out, -((-(i + 1) * size) // out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size)])
+    # built from a list, not by slice assignment: the exporter lowers an in-place slice of a tensor the graph
+    # creates to a ScatterND that ONNX Runtime cannot run (timm's VGG head pools 2x2 up to 7x7)
+    return torch.tensor(rows)
 
 
 def adaptive_avg_pool_input_grad(x: torch.Tensor, grad: torch.Tensor):

@@ -2,7 +2,7 @@
 
 - default suite (main venv, no torchvision): small models written as torchvision and timm write theirs
   (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT,
-  GhostNet, MobileViT, Res2Net),
+  GhostNet, MobileViT, Res2Net, timm VGG's ConvMlp head, Swin's shifted windows),
   every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
   ``vmap(grad)``;
 - ``peers``: real torchvision and timm models through ``benchmarks/zoo.py`` in ``.venv-peers`` (Grad-CAM against
@@ -74,6 +74,36 @@ def test_zoo_model_matches_autograd(name, zoo_bundles):
     references = [vmap_sqnorms(model, images, identity, names, dtype=dtype) for dtype in (torch.float32, torch.float64)]
     verdict = check_sqnorms(model, x, ours.layer_grad_sqnorm, references, names)
     assert verdict["error"] <= RELATIVE, verdict
+
+
+#: float64 checks marked slow (generic rules traced at length); the others take a second or two each
+FLOAT64_SLOW = ("mobilevit", "swin")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FLOAT64_SLOW else n
+                                  for n in sorted(ZOO)])
+def test_probe_module_in_float64_is_exact(name):
+    """The graph's math apart from float32 rounding: the same probe module, built and run in float64, equals
+    float64 autograd to 1e-9 (maps per peak, logits, every per-layer norm), on any machine and any weights."""
+    from gradprobe.export.exact import probe_in_float64, references_in_float64, run_in_float64
+    from gradprobe.export.kinks import relative_errors
+
+    model = make_zoo_model(name)
+    example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    probe, graph, norms = probe_in_float64(model, example, layer_grads=True)
+    images = np.random.default_rng(3).random((6, 3, 32, 32), dtype=np.float32)
+    contrast = (np.arange(6) % 11 - 1).astype(np.int64)
+    ours = run_in_float64(probe, norms, images, contrast)
+    reference = references_in_float64(model, graph, probe.maps, images, contrast)
+    logits = reference["logits"]
+    assert np.abs(ours["logits"] - logits).max() <= 1e-9 * np.abs(logits).max()
+    for spec in probe.maps:
+        peak = np.abs(reference[spec.name]).reshape(6, -1).max(axis=1)
+        difference = np.abs(ours[spec.name] - reference[spec.name]).reshape(6, -1).max(axis=1)
+        assert (difference <= 1e-9 * peak + 1e-15).all(), (spec.name, (difference / peak).max())
+    identity = ([0.0] * 3, [1.0] * 3)
+    expected = vmap_sqnorms(model, images, identity, [entry.name for entry in norms], dtype=torch.float64)
+    assert relative_errors(ours["layer_grad_sqnorm"], expected).max() <= 1e-9
 
 
 def test_forms_cover_every_kind_of_parameter(zoo_bundles):

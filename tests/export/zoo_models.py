@@ -5,7 +5,8 @@ overlapping max-pool stem and avg-pool downsample of ResNet-D, the hardswish/SE 
 and a BatchNorm subclass with its activation inside (timm's BatchNormAct2d) of EfficientNet, ConvNeXt's
 channels-last LayerNorm/Linear/GELU with a layer scale and a LayerNorm2d subclass, DenseNet/GoogLeNet's
 concatenations and functional ReLU, RegNet/ShuffleNet's GroupNorm, channel shuffle and chunk, Res2Net's
-split scales, and a tiny ViT.
+split scales, timm VGG's head that pools up to 7x7, Swin's shifted-window mask built by slice assignment, and
+a tiny ViT.
 """
 from __future__ import annotations
 
@@ -431,10 +432,95 @@ class Res2Netish(nn.Module):
         return self.fc(self.block2(self.block1(self.stem(x))).mean((2, 3)))
 
 
+class ConvMlp(nn.Module):
+    """timm's VGG head: pools its input *up* to the 7x7 its first conv expects, with a size taken from the
+    input's shape (control flow that torch.fx cannot trace, so the module is kept whole: generic rule)."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 7)
+        self.fc2 = nn.Conv2d(hidden, hidden, 1)
+
+    def forward(self, x):
+        if x.shape[-2] < 7 or x.shape[-1] < 7:
+            x = F.adaptive_avg_pool2d(x, (max(7, x.shape[-2]), max(7, x.shape[-1])))
+        return F.relu(self.fc2(F.relu(self.fc1(x))))
+
+
+class ConvMlpVGGish(nn.Module):
+    """timm's VGG: features down to 2x2, the ConvMlp head, global pooling into the Linear."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(4), nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(4))
+        self.pre_logits = ConvMlp(8, 12)
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x):
+        return self.head(self.pre_logits(self.features(x)).mean((2, 3)))
+
+
+@torch.fx.wrap
+def shifted_window_mix(x, weight, bias, window: int, shift: int):
+    """Attention within windows of a cyclically shifted channels-last map, as torchvision's
+    ``shifted_window_attention`` (an fx leaf there too): the mask of the windows the shift wraps around is built
+    by slice assignment with negative ends."""
+    batch, height, width, channels = x.shape
+    x = torch.roll(x, (-shift, -shift), (1, 2))
+    mask = x.new_zeros((height, width))
+    count = 0
+    for h in ((0, -window), (-window, -shift), (-shift, None)):
+        for w in ((0, -window), (-window, -shift), (-shift, None)):
+            mask[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    rows, cols, tokens = height // window, width // window, window * window
+
+    def windows(t, c):
+        return t.reshape(-1, rows, window, cols, window, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, tokens, c)
+
+    patches = windows(x, channels)
+    labels = windows(mask[None, :, :, None], 1)[:, :, 0]
+    apart = (labels[:, :, None] != labels[:, None, :]).to(x.dtype) * -100.0  # [windows, tokens, tokens]
+    scores = F.linear(patches, weight, bias) @ patches.transpose(1, 2) * channels ** -0.5
+    scores = (scores.reshape(batch, rows * cols, tokens, tokens) + apart).reshape(-1, tokens, tokens)
+    mixed = scores.softmax(dim=-1) @ patches
+    mixed = mixed.reshape(batch, rows, cols, window, window, channels).permute(0, 1, 3, 2, 4, 5)
+    return torch.roll(mixed.reshape(batch, height, width, channels), (shift, shift), (1, 2))
+
+
+class ShiftedWindowBlock(nn.Module):
+    def __init__(self, dim: int, window: int, shift: int):
+        super().__init__()
+        self.window, self.shift = window, shift
+        self.norm = nn.LayerNorm(dim)
+        self.qk = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + shifted_window_mix(self.norm(x), self.qk.weight, self.qk.bias, self.window, self.shift)
+
+
+class SwinIsh(nn.Module):
+    """A channels-last patch embedding and two window blocks, the second shifted: the shifted-window mask that
+    the exporter's slice_scatter used to break in the traced backward."""
+
+    def __init__(self, classes: int = 10, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(ShiftedWindowBlock(dim, 4, 0), ShiftedWindowBlock(dim, 4, 2))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.norm(self.blocks(self.embed(x).permute(0, 2, 3, 1)))
+        return self.head(x.mean((1, 2)))
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
        "vit": TinyViT, "ghostnet": GhostNetish,
-       "mobilevit": MobileViTish, "res2net": Res2Netish}
+       "mobilevit": MobileViTish, "res2net": Res2Netish, "vgg_conv_mlp": ConvMlpVGGish, "swin": SwinIsh}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
