@@ -611,6 +611,21 @@ def table(results: Path, out: Path) -> None:
     out.write_text("\n".join(lines) + "\n")
 
 
+def _measure_each(results: Path, names: list[str], field: str, measure) -> None:
+    """``measure(name)`` for each model, printed and stored as ``field`` of its row; a failure is printed and
+    the next model goes on."""
+    for name in names:
+        started = time.perf_counter()
+        try:
+            errors = measure(name)
+        except Exception as error:
+            print(name, f"{type(error).__name__}: {error}"[:300], flush=True)
+            continue
+        print(name, ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        _amend(results, name, **{field: errors})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -639,27 +654,11 @@ def main(argv=None) -> None:
     if args.command == "one":
         one(args.name, args.out)
     elif args.command == "floor":
-        for name in args.names:
-            try:
-                errors = forward_floor(name)
-            except Exception as error:  # reported, and the next model goes on
-                print(name, f"{type(error).__name__}: {error}"[:300], flush=True)
-                continue
-            print(name, ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
-            _amend(args.results, name, ort_forward_map_errors=errors)
+        _measure_each(args.results, args.names, "ort_forward_map_errors", forward_floor)
     elif args.command == "exact":
         rows = json.loads(args.results.read_text())
-        for name in args.names:
-            layer_grads = bool(rows.get(name, {}).get("layer_grads")) and not args.maps_only
-            started = time.perf_counter()
-            try:
-                errors = graph_in_float64(name, layer_grads)
-            except Exception as error:  # reported, and the next model goes on
-                print(name, f"{type(error).__name__}: {error}"[:300], flush=True)
-                continue
-            print(name, ", ".join(f"{k} {v:.1e}" for k, v in errors.items()),
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-            _amend(args.results, name, float64_graph_errors=errors)
+        _measure_each(args.results, args.names, "float64_graph_errors", lambda name: graph_in_float64(
+            name, bool(rows.get(name, {}).get("layer_grads")) and not args.maps_only))
     elif args.command == "requeue":
         requeue(args.results, args.patterns)
     elif args.command == "run":

@@ -8,6 +8,8 @@ vanishes, so the same module against float64 autograd separates them (``benchmar
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,8 +21,6 @@ from .pipeline import Prepared, _eval_mode, build, prepare
 def probe_in_float64(model: nn.Module, example: torch.Tensor, *, layer_grads: bool = False,
                      target_layer: str | None = None):
     """(probe module, ProbeGraph, layer-norm plan) for a float64 copy of ``model``, as ``export`` builds them."""
-    import copy
-
     model = copy.deepcopy(model).double()
     example = torch.as_tensor(example).double()
     checked = prepare(model, example, None)
@@ -53,8 +53,6 @@ def run_in_float64(probe: nn.Module, norms, images: np.ndarray, contrast: np.nda
 def references_in_float64(model: nn.Module, graph, maps, images: np.ndarray, contrast: np.ndarray) -> dict:
     """float64 autograd's logits and maps (``ResearchReference``) on the target of ``graph``, for comparing
     with ``run_in_float64``."""
-    import copy
-
     from .reference import ResearchReference
 
     hooked, hook_name = graph.with_target_module()

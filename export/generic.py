@@ -371,6 +371,7 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
                 # torch.export would lower to a ScatterND/Transpose chain that ONNX Runtime refuses
                 traced = make_fx(torch.func.functionalize(traced), tracing_mode="symbolic",
                                  decomposition_table=_table(), _allow_non_fake_inputs=True)(*inputs)
+                _portable(traced)
     except ExportError as error:
         raise ExportError(f"{where}: {error}") from error
     except Exception as error:
@@ -384,7 +385,6 @@ def _make_fx(function, inputs, where: str, what: str) -> fx.GraphModule:
         raise ExportError(f"{where}: cannot derive the {what}: {why}") from error
     finally:
         functorch._set_vmap_fallback_enabled(fallback)
-    _portable(traced)
     leftover = sorted({str(n.target) for n in traced.graph.nodes
                        if n.op == "call_function" and "backward" in str(n.target)})
     if leftover:
