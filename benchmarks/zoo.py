@@ -4,7 +4,7 @@ Run in the peers venv (torch 2.14.1 + torchvision 0.29.1 + timm + pytorch-grad-c
 
     .venv-peers/bin/python benchmarks/zoo.py run                 # resumable: skips models already in the JSON
     .venv-peers/bin/python benchmarks/zoo.py run --only resnet18 timm/convnext_atto
-    .venv-peers/bin/python benchmarks/zoo.py floor regnet_x_16gf  # maps from ONNX Runtime's plain forward
+    .venv-peers/bin/python benchmarks/zoo.py floor regnet_x_16gf  # maps from ONNX Runtime's float32 forward
     .venv-peers/bin/python benchmarks/zoo.py exact regnet_x_16gf  # the same probe module run in float64
     .venv-peers/bin/python benchmarks/zoo.py table               # benchmarks/results/zoo.md from the JSON
 
@@ -20,6 +20,10 @@ images, against:
 - ``layer_grad_sqnorm``: ``torch.func.vmap(grad)`` per sample in float64 (float32 too; an element passes when
   it agrees with either, as ``tests/export/test_layer_grads.py`` does), samples at a ReLU kink checked on
   both sides (``gradprobe.export.kinks``).
+A model that misses also gets its float32 floor (``floor``) and its graph run in float64 (``exact``) in its row.
+``ZOO_TRAIN_STEPS=40 zoo.py run --results benchmarks/results/zoo_trained.json --only ...``: the same checks on
+models briefly trained on Fashion-MNIST (and checked on its test images); ``table`` lists them beside the
+random-init rows.
 Self-contained on purpose: the timing harness and peers runner under ``benchmarks/harness`` are being
 restructured; the subprocess/resume loop here is what should move onto the runner.
 """
@@ -44,6 +48,9 @@ TOLERANCE = 1e-4
 #: norms): on the shared 2-core machine a layer_grads export and float64 vmap(grad) of a 100 M-parameter model
 #: take hours. Every family has a member below it. ZOO_LAYER_GRADS_MAX_PARAMS overrides.
 LAYER_GRADS_MAX_PARAMS = int(float(os.environ.get("ZOO_LAYER_GRADS_MAX_PARAMS", 3e7)))
+#: ZOO_TRAIN_STEPS=N: N SGD steps on real Fashion-MNIST after the random init, and the checks on Fashion-MNIST
+#: test images (what the CI's reference models get): random-init networks are badly conditioned in float32.
+TRAIN_STEPS = int(os.environ.get("ZOO_TRAIN_STEPS", 0))
 
 #: torchvision models whose smallest accepted input is not 64x64, and builder arguments.
 TORCHVISION_SIZES = {"inception_v3": 139, "maxvit_t": 224, "vit_h_14": 56}
@@ -102,7 +109,39 @@ def build(name: str):
 
     torch.manual_seed(0)
     model, size = _build_only(name)
-    return nontrivial_statistics(model, size), size
+    model = nontrivial_statistics(model, size)
+    return (briefly_trained(model, size, TRAIN_STEPS) if TRAIN_STEPS else model), size
+
+
+def fashion_mnist_rgb(split: str, count: int, size: int, seed: int = 0):
+    """``count`` Fashion-MNIST images resized to ``size``, grey in three channels, float32 in [0, 1], and labels."""
+    import numpy as np
+    import torch
+
+    from gradprobe.data import fashion_mnist
+
+    images, labels = fashion_mnist(split)
+    index = np.random.default_rng(seed).permutation(len(images))[:count]
+    resized = torch.nn.functional.interpolate(torch.from_numpy(images[index]), size=(size, size), mode="bilinear",
+                                              align_corners=False).clamp(0, 1)
+    return resized.expand(-1, 3, -1, -1).contiguous().numpy(), labels[index]
+
+
+def briefly_trained(model, size: int, steps: int, batch: int = 16):
+    """``steps`` SGD steps on Fashion-MNIST train images (``fashion_mnist_rgb``), then eval mode: logits spread out
+    and normalisation statistics of real images, as in a model in use."""
+    import torch
+
+    images, labels = fashion_mnist_rgb("train", steps * batch, size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    for step in range(steps):
+        part = slice(step * batch, (step + 1) * batch)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(images[part])), torch.from_numpy(labels[part]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def nontrivial_statistics(model, size: int):
@@ -185,9 +224,13 @@ def gradcam_peer(hooked, target_name, layout, x, size):
 
 
 def _inputs(size: int):
-    """The export example [4, 3, size, size] and the checked images [6, ...], the same for every check."""
+    """The export example [4, 3, size, size] and the checked images [6, ...], the same for every check: random
+    images, or Fashion-MNIST test images for briefly trained models."""
     import numpy as np
 
+    if TRAIN_STEPS:
+        images, _ = fashion_mnist_rgb("test", 10, size)
+        return images[:4], images[4:]
     rng = np.random.default_rng(0)
     return rng.random((4, 3, size, size), dtype=np.float32), rng.random((6, 3, size, size), dtype=np.float32)
 
@@ -211,7 +254,8 @@ def check(name: str, workdir: Path) -> dict:
     from gradprobe.export.reference import ResearchReference
 
     torch.set_num_threads(1)
-    row = {"model": name, "family": family(name), "transformer": name in TRANSFORMERS}
+    row = {"model": name, "family": family(name), "transformer": name in TRANSFORMERS,
+           **({"train_steps": TRAIN_STEPS} if TRAIN_STEPS else {})}
     started = time.perf_counter()
     model, size = build(name)
     row["params"] = int(sum(p.numel() for p in model.parameters()))
@@ -236,6 +280,8 @@ def check(name: str, workdir: Path) -> dict:
     row["forms"] = {form: forms.count(form) for form in sorted(set(forms))}
     contrast = (np.arange(len(images)) % 11 - 1).astype(np.int64)
     ours = probe.run(images, contrast)
+    explained = probe.explain(images, contrast)
+    probe.close()  # the references below need the memory (a model over 2 GiB: its weights are held by the engine)
 
     with torch.no_grad():
         logits = model(torch.from_numpy(images)).numpy()
@@ -270,7 +316,6 @@ def check(name: str, workdir: Path) -> dict:
                                     if k.endswith("_vs_float64")}
     row["empty_cams"] = int((references[1]["cam"].reshape(len(images), -1).max(axis=1) <= 0).sum())
 
-    explained = probe.explain(images, contrast)
     peak = ours.cam.reshape(len(images), -1).max(axis=1)
     typical = np.median(peak[peak > 0]) if (peak > 0).any() else 0.0
     tiny = peak < 0.05 * typical
@@ -309,12 +354,13 @@ def check(name: str, workdir: Path) -> dict:
 
 
 def forward_floor(name: str) -> dict:
-    """How far each map already is from float64 when computed exactly from ONNX Runtime's plain forward of the
-    model: the target activations of the bare model exported to ONNX (no gradprobe), then the rest of the
-    network, the gradient and the map in float64. A float32 deployment on ONNX Runtime starts from these
-    activations, so a map error of this size is in the model before any probe graph."""
-    import io
-
+    """How far each map already is from float64 when computed exactly from ONNX Runtime's float32 forward
+    outputs: the bare model exported to ONNX (no gradprobe) gives the target activation and the logits; the map
+    is then computed in float64 from that activation, with the prediction P, the runner-up Q and the cotangent
+    dS/dz (``TARGETS[...].logit_gradient`` of softmax of those logits, as the probe graph builds it) taken from
+    those logits, and the gradient at the target float64 autograd of the logits with that cotangent. The probe
+    graph runs on the same float32 forward, its activation and its logits, so a map error of this size is in
+    the model before any probe graph."""
     import numpy as np
     import onnxruntime
     import torch
@@ -342,26 +388,30 @@ def forward_floor(name: str) -> dict:
                 handle.remove()
             return self.seen.pop("a"), logits
 
-    buffer = io.BytesIO()
-    torch.onnx.export(ActivationAndLogits().eval(), (torch.from_numpy(images),), buffer, dynamo=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    activation_ort = session.run(None, {session.get_inputs()[0].name: images})[0]
+    with tempfile.TemporaryDirectory(prefix="zoo-floor-") as folder:  # a file: over 2 GiB the weights lie beside it
+        path = str(Path(folder) / "forward.onnx")
+        torch.onnx.export(ActivationAndLogits().eval(), (torch.from_numpy(images),), path, dynamo=False)
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {session.get_inputs()[0].name: images})
+        del session
+    activation_ort, logits_ort = (torch.from_numpy(value).double() for value in outputs)
 
     exact = copy.deepcopy(hooked).double().eval()
     x = torch.from_numpy(images).double()
     contrast = (np.arange(len(images)) % 11 - 1).astype(np.int64)
 
-    def maps_from(activation=None) -> dict:
-        """Every map in float64, with the target's activation replaced by ``activation`` when given."""
-        replace = None if activation is None else torch.from_numpy(activation).double()
+    def maps_from(activation=None, ort_logits=None) -> dict:
+        """Every map in float64; with ``activation`` and ``ort_logits`` given, the target's activation is replaced
+        by ``activation``, and P, Q and the logit cotangent come from ``ort_logits``."""
         out = {spec.name: [] for spec in explanation_maps.MAPS}
         for index in range(len(images)):
             seen = {}
 
             def swap(module, args, output):
-                seen["a"] = (output if replace is None else replace[index:index + 1]).detach().requires_grad_(True)
+                source = output if activation is None else activation[index:index + 1]
+                seen["a"] = source.detach().requires_grad_(True)
                 return seen["a"]
 
             handle = exact.get_submodule(hook_name).register_forward_hook(swap)
@@ -369,18 +419,24 @@ def forward_floor(name: str) -> dict:
                 logits = exact(x[index:index + 1])
             finally:
                 handle.remove()
-            pred = int(logits.argmax(1))
-            ranked = torch.argsort(logits[0], descending=True)
+            chosen = logits if ort_logits is None else ort_logits[index:index + 1]
+            pred = int(chosen.argmax(1))
+            ranked = torch.argsort(chosen[0], descending=True)
             q = int(ranked[1]) if contrast[index] < 0 else int(contrast[index])
             for spec in explanation_maps.MAPS:
-                scalar = explanation_maps.TARGETS[spec.target].scalar(logits, pred, q)
-                grad = torch.autograd.grad(scalar, seen["a"], retain_graph=True)[0]
+                rule = explanation_maps.TARGETS[spec.target]
+                if ort_logits is None:
+                    grad = torch.autograd.grad(rule.scalar(logits, pred, q), seen["a"], retain_graph=True)[0]
+                else:
+                    hot = [torch.nn.functional.one_hot(torch.tensor([c]), chosen.shape[1]).double() for c in (pred, q)]
+                    cotangent = rule.logit_gradient(torch.softmax(chosen, dim=1), *hot)
+                    grad = torch.autograd.grad(logits, seen["a"], cotangent, retain_graph=True)[0]
                 value = explanation_maps.weighted_map(spec, graph.layout.to_map(grad),
                                                       graph.layout.to_map(seen["a"].detach()))
                 out[spec.name].append(value[0].detach().numpy())
         return {k: np.stack(v) for k, v in out.items()}
 
-    reference, from_ort = maps_from(), maps_from(activation_ort)
+    reference, from_ort = maps_from(), maps_from(activation_ort, logits_ort)
     return {key: float(_of_peak(from_ort[key], reference[key]).max()) for key in reference}
 
 
@@ -416,9 +472,9 @@ def graph_in_float64(name: str, layer_grads: bool) -> dict:
 def float32_limited(row: dict) -> bool:
     """A failing row whose every miss (maps, Grad-CAM, layer norms) is within twice the float32 floor of the
     same model and check: float32 autograd's own error against float64, or for maps the error they already
-    have when computed exactly from ONNX Runtime's plain forward (``forward_floor``), whichever is larger. The
-    graph is float32 too, so that is the precision it can have there (reported apart from the passes, not as
-    one)."""
+    have when computed exactly from ONNX Runtime's float32 forward, its target activation and logits
+    (``forward_floor``), whichever is larger. The graph is float32 too, so that is the precision it can have
+    there (reported apart from the passes, not as one)."""
     if not row.get("export") or row.get("ok") or "map_errors" not in row:
         return False
     own, forward = row.get("float32_reference_map_errors") or {}, row.get("ort_forward_map_errors") or {}
@@ -442,13 +498,24 @@ def _passes(row: dict) -> bool:
 
 
 def one(name: str, out: Path) -> None:
+    """One row; a model that misses also gets its float32 floor (``forward_floor``) and its graph run in float64
+    (``graph_in_float64``), so the row says by itself whether the miss is float32 rounding."""
     with tempfile.TemporaryDirectory(prefix="zoo-") as folder:
         try:
             row = check(name, Path(folder))
         except Exception as error:  # a crash in the harness or the library: recorded, not hidden
             row = {"model": name, "family": family(name), "export": False, "crash": True,
                    "error": f"{type(error).__name__}: {error}"[:3000], "traceback": traceback.format_exc()[-4000:]}
-    out.write_text(json.dumps(row))
+    out.write_text(json.dumps(row))  # written first: the row stands if a measurement below runs out of memory
+    if row.get("export") and not row.get("ok") and "map_errors" in row:
+        for field, measure in (("ort_forward_map_errors", forward_floor),
+                               ("float64_graph_errors", lambda n: graph_in_float64(n, bool(row.get("layer_grads"))))):
+            try:
+                row[field] = measure(name)
+            except Exception as error:
+                row[field + "_error"] = f"{type(error).__name__}: {error}"[:1000]
+        row["float32_limited"] = float32_limited(row)
+        out.write_text(json.dumps(row))
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -571,7 +638,8 @@ def table(results: Path, out: Path) -> None:
                   f"CNNs: **{len(passed)}/{len(cnn)} pass** ({100 * len(passed) / max(len(cnn), 1):.1f} %); "
                   f"{len(passed) + len([k for k in limited if k in cnn])}/{len(cnn)} pass or miss only within twice "
                   f"the float32 floor of the same check: float32 autograd's own error against float64, or for maps "
-                  f"the error of maps computed exactly from ONNX Runtime's plain forward (float32-limited: "
+                  f"the error of maps computed exactly (float64) from ONNX Runtime's float32 plain forward, its target "
+                  f"activation and its logits (float32-limited: "
                   f"{', '.join(sorted(k for k in limited if k in cnn)) or 'none'}); other misses: {', '.join(sorted(fails)) or 'none'}; "
                   f"refused by the export: {', '.join(sorted(refused)) or 'none'}; timed out or crashed in the "
                   f"harness: {', '.join(sorted(stopped)) or 'none'}. Transformers: "
@@ -605,10 +673,41 @@ def table(results: Path, out: Path) -> None:
                          f"{_fmt(row.get('logits_error'))} | {_fmt(maps)} | "
                          f"{_fmt(row.get('gradcam_error_of_peak', row.get('gradcam_error')))} | "
                          f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'}"
-                         f"{kinks} | {forms} | {_fmt(exact.get(name))} | "
-                         f"{'pass' if row.get('ok') else 'FAIL (float32-limited)' if float32_limited(row) else 'FAIL'} |")
+                         f"{kinks} | {forms} | {_fmt(exact.get(name))} | {_result(row)} |")
         lines.append("")
+    trained = results.with_name(results.stem + "_trained.json")
+    if trained.exists():
+        lines += _trained_section(json.loads(trained.read_text()), rows)
     out.write_text("\n".join(lines) + "\n")
+
+
+def _result(row: dict) -> str:
+    if not row.get("export"):
+        return "not exported"
+    return "pass" if row.get("ok") else "FAIL (float32-limited)" if float32_limited(row) else "FAIL"
+
+
+def _trained_section(trained: dict, rows: dict) -> list[str]:
+    """The rows of ``zoo_trained.json`` (``ZOO_TRAIN_STEPS``) beside the same models' random-init results."""
+    steps = sorted({row.get("train_steps") for row in trained.values()})
+    passed = [name for name, row in trained.items() if row.get("ok")]
+    lines = ["## Briefly trained", "",
+             f"The same checks after `ZOO_TRAIN_STEPS={'/'.join(map(str, steps))}`: SGD steps (batch 16) on "
+             "Fashion-MNIST train images resized and grey in three channels, then the checks on Fashion-MNIST test "
+             "images; the recipe of the CI's reference models (`tests/reference_models.py`): random-init networks "
+             "are badly conditioned in float32. Run on a subset so far (the whole zoo takes about 7 hours here): "
+             f"**{len(passed)}/{len(trained)} pass**.", "",
+             "| model | random init | logits | maps | Grad-CAM | layer_grads | graph in float64 | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in sorted(trained):
+        row = trained[name]
+        maps = max(row["map_errors"].values()) if row.get("map_errors") else None
+        exact = max(row["float64_graph_errors"].values()) if row.get("float64_graph_errors") else None
+        lines.append(f"| {name} | {_result(rows[name]) if name in rows else ''} | {_fmt(row.get('logits_error'))} | "
+                     f"{_fmt(maps)} | {_fmt(row.get('gradcam_error_of_peak', row.get('gradcam_error')))} | "
+                     f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'} | "
+                     f"{_fmt(exact)} | {_result(row)} |")
+    return lines + [""]
 
 
 def _measure_each(results: Path, names: list[str], field: str, measure) -> None:
@@ -641,7 +740,8 @@ def main(argv=None) -> None:
     requeue_parser = commands.add_parser("requeue")
     requeue_parser.add_argument("patterns", nargs="+", help="substrings of errors; 'mismatch' for failed checks")
     requeue_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
-    floor_parser = commands.add_parser("floor", help="maps computed exactly from ONNX Runtime's plain forward")
+    floor_parser = commands.add_parser("floor", help="maps computed exactly from ONNX Runtime's float32 forward "
+                                                      "(target activation and logits)")
     floor_parser.add_argument("names", nargs="+")
     floor_parser.add_argument("--results", type=Path, default=RESULTS / "zoo.json")
     exact_parser = commands.add_parser("exact", help="the probe graph's math in float64 against float64 autograd")

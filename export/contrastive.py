@@ -240,7 +240,7 @@ def head_graph(mlp: ContrastiveMLP, input_spec: TensorSpec, classes: int) -> tup
 
     head = HeadModule(mlp.eval())
     example = torch.randn(5, *input_spec.shape[1:], generator=torch.Generator().manual_seed(0))
-    data, _ = onnx_bytes(head, (example,), "the contrastive head", input_names=[input_spec.name],
+    data, _, _ = onnx_bytes(head, (example,), "the contrastive head", input_names=[input_spec.name],
                          output_names=list(HEAD_OUTPUTS))
     _verify_head(data, head, example, input_spec.name)
     outputs = (TensorSpec("contrastive_logits", "float32", ("B", classes), "second-stage MLP logits on r_x, [B, C]"),

@@ -160,7 +160,7 @@ def score_onnx(score: GradConScore, example=None, opset: int | None = None) -> t
     batch = export_batch(example, *GRAPH_DIMS)
     images = example[torch.arange(batch) % len(example)].contiguous()
     options = {} if opset is None else {"opset_version": opset}
-    graph, model = onnx_bytes(score, (images,), "the GradCon score graph", input_names=["images"],
+    graph, model, _ = onnx_bytes(score, (images,), "the GradCon score graph", input_names=["images"],
                               output_names=list(OUTPUT_NAMES), **options)
     return graph, tensorrt_incompatibilities(model), images
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import logging
@@ -27,8 +28,8 @@ from torch import nn
 import gradprobe
 from gradprobe.base.bundle import write_bundle
 from gradprobe.base.errors import BundleError, ExportError, GradprobeError, InputError
-from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures, InputSpec,
-                                     LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
+from gradprobe.base.manifest import (CONFOUNDING_LOSSES, ClassifierSection, ContrastiveFeatures,
+                                     InputSpec, LayerGrads, Manifest, ModelInfo, Tap, TensorSpec)
 
 from .contrastive import variants_of
 from .graph import ProbeGraph, trace
@@ -37,6 +38,7 @@ from . import kinks
 from .parity import parity_errors
 from .probe_module import OrderedOutputs, ProbeModule
 from .tensorrt_ops import tensorrt_incompatibilities
+from .weights_apart import GRAPH_WEIGHTS_FILE, move_weights_apart
 
 log = logging.getLogger("gradprobe.export")
 
@@ -49,6 +51,8 @@ VERIFY_TOLERANCE = 1e-3
 KINK_TOLERANCE = 5e-2
 GRAPH_FILE = "probe.onnx"
 PROTOBUF_LIMIT = 2 ** 31 - 2 ** 26  # 2 GiB less room for the graph itself
+#: Models whose parameters and buffers take more bytes than this keep the graph's weights beside it.
+WEIGHTS_APART_ABOVE = PROTOBUF_LIMIT
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -60,6 +64,11 @@ class Prepared:
     example: torch.Tensor       # [N, C, H, W] in [0, 1]
     mean: list
     std: list
+    weight_bytes: int = 0       # parameters and buffers
+
+    @property
+    def weights_apart(self) -> bool:
+        return self.weight_bytes > WEIGHTS_APART_ABOVE
 
     def normalized(self) -> torch.Tensor:
         return (self.example - torch.tensor(self.mean).view(1, -1, 1, 1)) / torch.tensor(self.std).view(1, -1, 1, 1)
@@ -101,10 +110,7 @@ def prepare(model, example_input, normalize) -> Prepared:
     example = _example_tensor(example_input)
     mean, std = _normalization(model, normalize, example.shape[1])
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    if weights > PROTOBUF_LIMIT:
-        raise ExportError(f"the model's weights take {weights / 2 ** 30:.2f} GiB: one ONNX file (a protobuf) holds "
-                          "at most 2 GiB, and a bundle keeps its graph in one file")
-    return Prepared(model, example, mean, std)
+    return Prepared(model, example, mean, std, weights)
 
 
 @contextlib.contextmanager
@@ -151,24 +157,34 @@ def probe_inputs(example: torch.Tensor, classes: int, avoid=()) -> tuple[torch.T
 
 
 # -------------------------------------------------------------------------------------------- export
-def onnx_bytes(module: nn.Module, args: tuple, what: str, **kwargs):
+def onnx_bytes(module: nn.Module, args: tuple, what: str, *, weights_apart: bool = False, **kwargs):
     """``torch.onnx.export(dynamo=True)`` of ``module`` with a symbolic batch on every input, quietly:
-    ``(bytes, onnx model)``; an ``ExportError`` naming ``what`` when it fails or fixes the batch."""
+    ``(bytes, onnx model, weights)``: ``weights`` is None, or with ``weights_apart`` the (blob, ``GraphWeights``)
+    of the initializers moved beside the graph; an ``ExportError`` naming ``what`` when it fails or fixes the
+    batch."""
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    kwargs = dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args), external_data=False, verbose=False,
-                  **kwargs)
+    kwargs = dict(dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args), external_data=weights_apart,
+                  verbose=False, **kwargs)
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)  # it warns about torchvision ops we never use
+    weights = None
     try:
         with tempfile.TemporaryDirectory(prefix="gradprobe-export-") as folder, warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             path = Path(folder) / "graph.onnx"
             torch.onnx.export(module, args, str(path), **kwargs)
-            data = path.read_bytes()
+            if weights_apart:
+                model = onnx.load(str(path), load_external_data=False)
+                weights = move_weights_apart(model, Path(folder))
+                data = model.SerializeToString()
+            else:
+                data = path.read_bytes()
+    except ExportError:
+        raise
     except Exception as error:
         raise ExportError(f"torch.onnx.export failed on {what}: {type(error).__name__}: "
                           f"{str(error)[:2000]}") from error
@@ -180,19 +196,21 @@ def onnx_bytes(module: nn.Module, args: tuple, what: str, **kwargs):
         if not first.dim_param:
             raise ExportError(f"the exported input {tensor.name!r} of {what} has a fixed batch of "
                               f"{first.dim_value}; the batch dimension must be symbolic")
-    return data, model
+    return data, model, weights
 
 
 def to_onnx(probe: ProbeModule, names: list[str], images: torch.Tensor, contrast: torch.Tensor,
-            opset: int | None) -> tuple[bytes, list[str]]:
-    """The ONNX graph as bytes, and what would stop TensorRT from parsing it (empty when nothing)."""
+            opset: int | None, weights_apart: bool = False) -> tuple[bytes, list[str], tuple | None]:
+    """The ONNX graph as bytes, what would stop TensorRT from parsing it (empty when nothing), and with
+    ``weights_apart`` the blob and record of its weights (else None)."""
     options = {} if opset is None else {"opset_version": opset}
-    data, model = onnx_bytes(OrderedOutputs(probe, names), (images, contrast), "the probe graph",
-                             input_names=["images", "contrast"], output_names=names, **options)
+    data, model, weights = onnx_bytes(OrderedOutputs(probe, names), (images, contrast), "the probe graph",
+                                      input_names=["images", "contrast"], output_names=names,
+                                      weights_apart=weights_apart, **options)
     problems = tensorrt_incompatibilities(model)
     if problems:
         warnings.warn(f"the probe graph will not parse in TensorRT: {problems[:3]}", stacklevel=3)
-    return data, problems
+    return data, problems, weights
 
 
 # -------------------------------------------------------------------------------------------- verify
@@ -209,14 +227,16 @@ def complete_with_kernels(outputs: dict, manifest: Manifest) -> dict:
 
 
 def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: dict | None = None,
-                 what: str = "the probe graph") -> dict | None:
-    """The exported graph through the runtime's engine, as users will run it; None (with a warning) when
-    onnxruntime is not installed, so the export is not verified."""
+                 what: str = "the probe graph", weights: bytes | None = None) -> dict | None:
+    """The exported graph (and ``weights``, the blob of ``manifest.graph_weights``) through the runtime's engine,
+    as users will run it; None (with a warning) when onnxruntime is not installed, so the export is not
+    verified."""
     from gradprobe.base.errors import BackendUnavailableError
-    from gradprobe.runtime import ProbeEngine, create_backend
+    from gradprobe.runtime import build_engine
 
+    files = {manifest.graph: graph, **({manifest.graph_weights.file: weights} if manifest.graph_weights else {})}
     try:
-        engine = ProbeEngine(create_backend("onnxruntime", graph), manifest)
+        engine = build_engine(dataclasses.replace(manifest, heads=()), files)
     except BackendUnavailableError:
         warnings.warn(f"onnxruntime is not installed: {what} was not verified (pip install 'gradprobe[cpu]')",
                       stacklevel=4)
@@ -235,7 +255,7 @@ def run_exported(graph: bytes, manifest: Manifest, images: torch.Tensor, feeds: 
 
 
 def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.Tensor,
-           contrast: torch.Tensor, model: nn.Module | None = None) -> dict:
+           contrast: torch.Tensor, model: nn.Module | None = None, weights: bytes | None = None) -> dict:
     """Largest |ORT - torch| / max|torch| per output; ExportError when one exceeds VERIFY_TOLERANCE (NaN too).
 
     A sample whose network has an activation within rounding of a kink (``kinks.kink_margin``: a ReLU input
@@ -244,7 +264,7 @@ def verify(graph: bytes, manifest: Manifest, probe: ProbeModule, images: torch.T
     differ by a finite step. Such samples are held to ``KINK_TOLERANCE`` instead
     (counted in the manifest's verification record).
     """
-    got = run_exported(graph, manifest, images, {"contrast": contrast.numpy()})
+    got = run_exported(graph, manifest, images, {"contrast": contrast.numpy()}, weights=weights)
     if got is None:
         return {}
     with torch.no_grad():
@@ -374,8 +394,12 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
         manifest = describe(prepared, graph, probe, outputs, norms, confounding, names,
                             WEIGHTS_FILE if weights else None)
         images, contrast = probe_inputs(prepared.example, classes, getattr(probe, "activation_sizes", ()))
-        graph_bytes, problems = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast, opset)
-        errors = verify(graph_bytes, manifest, probe, images, contrast, model)
+        graph_bytes, problems, apart = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast,
+                                               opset, prepared.weights_apart)
+        if apart is not None:
+            weights[apart[1].file] = apart[0]
+            manifest = dataclasses.replace(manifest, graph_weights=apart[1])
+        errors = verify(graph_bytes, manifest, probe, images, contrast, model, weights.get(GRAPH_WEIGHTS_FILE))
     manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
                             "verified_against_torch": errors, "verify_tolerance": VERIFY_TOLERANCE,
                             "tensorrt_problems": problems})

@@ -120,9 +120,13 @@ def build_engine(bundle, *, fp16: bool = False, batch=DEFAULT_PROFILE, workspace
     if workspace_mib is not None and (isinstance(workspace_mib, bool) or not isinstance(workspace_mib, int)
                                       or not 1 <= workspace_mib <= 1 << 20):
         raise InputError(f"--workspace-mib must be a positive integer, got {workspace_mib!r}")
+    opened = Bundle.open(bundle)
+    if opened.manifest.graph_weights is not None:
+        raise ExportError(f"{opened.path} keeps its weights beside the graph ({opened.manifest.graph_weights.file}, "
+                          "a model over 2 GiB): building TensorRT engines of such bundles is not supported yet; "
+                          "run it with ONNX Runtime")
     trt = import_tensorrt()
     gpu = cuda.device(device)
-    opened = Bundle.open(bundle)
     graph = opened.read(opened.manifest.graph)
     precision = "fp16" if fp16 else "fp32"
     if fp16:

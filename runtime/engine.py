@@ -9,6 +9,7 @@ order on the same backend kind, each fed probe outputs by name, and merges their
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -122,17 +123,30 @@ class ProbeEngine:
             backend.close()
 
 
+def graph_initializers(manifest: Manifest, files: Mapping[str, bytes]) -> dict[str, np.ndarray] | None:
+    """The graph's initializers kept beside it (``manifest.graph_weights``), as read-only views of the verified
+    weights bytes; None for a graph that holds its own."""
+    weights = manifest.graph_weights
+    if weights is None:
+        return None
+    data = files[weights.file]
+    return {tensor.name: np.frombuffer(data, np.dtype(tensor.dtype), math.prod(tensor.shape), tensor.offset)
+            .reshape(tensor.shape) for tensor in weights.tensors}
+
+
 def build_engine(manifest: Manifest, files: Mapping[str, bytes], backend: str = "onnxruntime", *,
                  max_batch: int = 256, bundle=None, **options) -> ProbeEngine:
     """The engine of a bundle: its probe graph and every head graph (``files``: name -> verified bytes), each
     on a backend ``backend`` created with the same ``options``; ``bundle`` (for backends that keep compiled
-    engines in it) goes to the probe graph's backend."""
+    engines in it) and the graph's weights where they lie apart go to the probe graph's backend."""
     heads = {}
     try:
         for spec in manifest.heads:
             heads[spec.name] = create_backend(backend, files[spec.file], **options)
-        return ProbeEngine(create_backend(backend, files[manifest.graph], bundle=bundle, **options), manifest,
-                           max_batch=max_batch, heads=heads)
+        initializers = graph_initializers(manifest, files)
+        graph_options = dict(options, initializers=initializers) if initializers is not None else options
+        return ProbeEngine(create_backend(backend, files[manifest.graph], bundle=bundle, **graph_options),
+                           manifest, max_batch=max_batch, heads=heads)
     except BaseException:
         for made in heads.values():
             made.close()

@@ -1,6 +1,7 @@
 """ONNX Runtime backend: explicit providers, no silent fallback, no telemetry, thread settings pinned."""
 from __future__ import annotations
 
+import tempfile
 from typing import Mapping
 
 import numpy as np
@@ -60,12 +61,14 @@ class OnnxRuntimeBackend(FixedSpecsBackend):
     The first provider is the one asked for: a session that comes up on another (ONNX Runtime falls back
     to CPU when, say, the CUDA libraries fail to load) is refused. ``strict``: also refuse a session in
     which some nodes would run on the CPU beside the GPU provider (ONNX Runtime places shape computations
-    there on purpose, so this is opt-in)."""
+    there on purpose, so this is opt-in). ``initializers``: name -> array for the graph's initializers that it
+    keeps outside (a model over 2 GiB): handed to ONNX Runtime from memory, so it opens no file the graph
+    names; one missing, unknown or of another shape is refused."""
 
     name = "onnxruntime"
 
     def __init__(self, model: bytes, *, providers=None, threads: int | None = None, spinning: bool = True,
-                 strict: bool = False):
+                 strict: bool = False, initializers: Mapping[str, np.ndarray] | None = None):
         ort = import_onnxruntime()
         requested = [(_provider_name(p), dict(p[1])) if isinstance(p, (tuple, list)) else _provider_name(p)
                      for p in (providers or ["CPUExecutionProvider"])]
@@ -81,8 +84,15 @@ class OnnxRuntimeBackend(FixedSpecsBackend):
         options = session_options(threads, spinning)
         if strict and names[0] != "CPUExecutionProvider":
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        self._initializers = [ort.OrtValue.ortvalue_from_numpy(array) for array in (initializers or {}).values()]
+        if initializers:  # the values must outlive the session, which reads them in place
+            options.add_external_initializers(list(initializers), self._initializers)
         try:
-            self.session = ort.InferenceSession(model, options, providers=requested)
+            # a graph loaded from bytes that names external data would have it read relative to the working
+            # directory: an empty folder there instead, so only what ``initializers`` hands over is used
+            with tempfile.TemporaryDirectory(prefix="gradprobe-no-external-data-") as nowhere:
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path", nowhere)
+                self.session = ort.InferenceSession(model, options, providers=requested)
         except Exception as error:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
             raise BundleError(f"ONNX Runtime cannot load the graph on {names[0]}: {str(error)[:500]}") from error
         self.providers = self.session.get_providers()
@@ -106,3 +116,4 @@ class OnnxRuntimeBackend(FixedSpecsBackend):
 
     def close(self) -> None:
         self.session = None
+        self._initializers = []

@@ -91,13 +91,14 @@ def _shape_of(dims) -> tuple:
 class TensorRTBackend(FixedSpecsBackend):
     """``engine``: a serialized plan (default: the bundle's engine for this GPU); ``precision``: "fp32"
     (default) or "fp16"; ``outputs``: "host" (numpy) or "device" (``DeviceArray`` views, reused per call);
-    ``device``: CUDA device ordinal."""
+    ``device``: CUDA device ordinal; ``initializers`` (weights kept beside the graph) go unused: a built engine
+    holds its weights."""
 
     name = "tensorrt"
     reads_bundle = True
 
     def __init__(self, model: bytes, *, bundle=None, engine: bytes | None = None, precision: str | None = None,
-                 outputs: str = "host", device: int = 0):
+                 outputs: str = "host", device: int = 0, initializers=None):
         if outputs not in ("host", "device"):
             raise InputError(f"outputs must be 'host' or 'device', got {outputs!r}")
         trt = import_tensorrt()

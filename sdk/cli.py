@@ -97,6 +97,10 @@ def _print_info(path):
     manifest, section = probe.manifest, probe.manifest.classifier
     print(probe)
     print(f"model      {manifest.model.class_name} ({manifest.model.parameters:,} parameters)")
+    if manifest.graph_weights:
+        weights = manifest.graph_weights
+        print(f"weights    beside the graph in {weights.file}: {len(weights.tensors)} tensors, "
+              f"{manifest.files[weights.file].bytes / 2 ** 30:.2f} GiB")
     print(f"input      images [B, {', '.join(map(str, manifest.input.shape))}] float32 in {list(manifest.input.range)}, "
           f"normalised in the graph with mean {list(manifest.input.mean)}, std {list(manifest.input.std)}")
     print(f"classes    {', '.join(section.class_names)}")

@@ -52,7 +52,7 @@ class GradConProbe(EngineFacade):
                  **backend_options):
         from gradprobe.runtime import build_engine
 
-        opened, files = open_and_read(bundle, lambda manifest: [manifest.graph])
+        opened, files = open_and_read(bundle, lambda manifest: manifest.graph_files())
         self.path, self.manifest = opened.path, opened.manifest
         if self.manifest.kind != "gradcon":
             raise BundleError(f"{self.path} is a {self.manifest.kind!r} bundle; open it with gradprobe.load")

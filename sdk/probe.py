@@ -22,7 +22,7 @@ FACADES = {"classifier": "gradprobe.probe:Probe", "gradcon": "gradprobe.gradcon:
 
 
 def _wanted_files(manifest: Manifest) -> list[str]:
-    return [manifest.graph] + ([manifest.detector.file] if manifest.detector else []) + \
+    return manifest.graph_files() + ([manifest.detector.file] if manifest.detector else []) + \
         [head.file for head in manifest.heads]
 
 
@@ -140,10 +140,10 @@ class Probe(EngineFacade):
 
         section, detector, data = fit_detector(self, in_dist, ood, kind=kind, tpr=tpr, seed=seed,
                                                description=description, **options)
-        graph = self.manifest.files[self.manifest.graph]
+        graph = [self.manifest.files[name] for name in self.manifest.graph_files()]
 
         def change(current: Manifest) -> Manifest:
-            if current.files.get(current.graph) != graph:  # re-exported since this probe loaded it
+            if [current.files.get(name) for name in current.graph_files()] != graph:  # re-exported since loaded
                 raise BundleError(f"{self.path} was re-exported after this probe loaded it: the detector was fitted on "
                                   "the previous graph; load the bundle again and calibrate that")
             return dataclasses.replace(current, detector=section)

@@ -12,7 +12,8 @@ import gradprobe
 #: name -> what it is
 BUNDLES = {"plain": "the shipped ResNet, maps and last-layer norms",
            "deep": "the shipped ResNet with layer_grads=True",
-           "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits"}
+           "calibrated": "deep, with a 'paper' detector fitted on Fashion-MNIST vs digits",
+           "apart": "plain, with the graph's weights in a file beside it (what models over 2 GiB get)"}
 
 
 def copy_bundle(bundle: Path, tmp_path: Path) -> Path:
@@ -31,6 +32,7 @@ def edit_manifest(folder: Path, change) -> None:
 
 def make_bundles(folder: str | Path) -> dict[str, Path]:
     from gradprobe.data import fmnist_part, ood_set
+    from gradprobe.export import pipeline
     from gradprobe.models import load_pretrained
 
     folder = Path(folder)
@@ -41,6 +43,11 @@ def make_bundles(folder: str | Path) -> dict[str, Path]:
              "calibrated": gradprobe.export(model, example, folder / "calibrated", layer_grads=True)}
     gradprobe.load(paths["calibrated"]).calibrate(fmnist_part("fit", 600)[0], ood_set("digits", "fit", 300),
                                                   kind="paper")
+    threshold, pipeline.WEIGHTS_APART_ABOVE = pipeline.WEIGHTS_APART_ABOVE, 0
+    try:
+        paths["apart"] = gradprobe.export(model, example, folder / "apart")
+    finally:
+        pipeline.WEIGHTS_APART_ABOVE = threshold
     return paths
 
 

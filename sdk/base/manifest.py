@@ -22,8 +22,12 @@ SCORE_ORIENTATION = "higher means more anomalous"
 #: Upper bounds that keep a damaged manifest from asking for absurd work or memory.
 MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
-#: A graph is one protobuf message, which cannot exceed 2 GiB.
+#: A graph is one protobuf message, which cannot exceed 2 GiB: larger models keep their weights beside it.
 MAX_GRAPH_BYTES = 2 << 30
+#: numpy dtypes that weights kept beside the graph may have, and the alignment of each tensor in their file.
+WEIGHT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+WEIGHT_ALIGNMENT = 64
+WEIGHT_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
 #: Fitted detector arrays (uncompressed) and the npz file that holds them.
 MAX_DETECTOR_ARRAY_BYTES = 256 << 20
 MAX_DETECTOR_BYTES = MAX_DETECTOR_ARRAY_BYTES + (1 << 20)
@@ -139,6 +143,71 @@ class FileRecord:
 
     def to_json(self) -> dict:
         return {"sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class WeightTensor:
+    """One initializer of the graph whose data lies in the weights file: where, and what it holds."""
+
+    name: str
+    dtype: str
+    shape: tuple
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * WEIGHT_ITEMSIZE[self.dtype]
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "WeightTensor":
+        data = _dict(data, path)
+        name = _str(_get(data, "name", path), f"{path}.name", max_length=400)
+        if not name:
+            raise _fail(f"{path}.name", "a non-empty initializer name", name)
+        offset = _int(_get(data, "offset", path), f"{path}.offset", 0, MAX_FILE_BYTES)
+        if offset % WEIGHT_ALIGNMENT:
+            raise _fail(f"{path}.offset", f"a multiple of {WEIGHT_ALIGNMENT}", offset)
+        shape = _list(_get(data, "shape", path), f"{path}.shape",
+                      lambda value, where: _int(value, where, 0, MAX_FILE_BYTES), max_length=8)
+        return cls(name, _str(_get(data, "dtype", path), f"{path}.dtype", WEIGHT_DTYPES), shape, offset)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class GraphWeights:
+    """The graph's large initializers, kept in a file of their own (a model over 2 GiB: one protobuf cannot
+    hold it). The runtime hands them to the engine from the checked bytes, so no path inside the graph is
+    ever opened."""
+
+    file: str
+    tensors: tuple  # WeightTensor
+
+    @classmethod
+    def from_json(cls, data, path: str) -> "GraphWeights":
+        data = _dict(data, path)
+        file = check_plain_name(_get(data, "file", path), f"manifest field {path}.file")
+        tensors = _list(_get(data, "tensors", path), f"{path}.tensors", WeightTensor.from_json)
+        names = [tensor.name for tensor in tensors]
+        if not tensors or len(set(names)) != len(names):
+            raise _fail(f"{path}.tensors", "a non-empty list of distinct initializer names", names[:5])
+        return cls(file, tensors)
+
+    def check_against(self, files: dict, graph: str) -> None:
+        """Every tensor inside the listed weights file, which is not the graph itself."""
+        if self.file == graph or self.file not in files:
+            raise BundleError(f"manifest field graph.weights.file: {self.file!r} must be a file listed in files, "
+                              "apart from the graph")
+        size = files[self.file].bytes
+        for index, tensor in enumerate(self.tensors):
+            if tensor.offset + tensor.nbytes > size:
+                raise BundleError(f"manifest field graph.weights.tensors[{index}] ({tensor.name}): bytes "
+                                  f"{tensor.offset}..{tensor.offset + tensor.nbytes} lie beyond the end of "
+                                  f"{self.file} ({size} bytes)")
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "tensors": [tensor.to_json() for tensor in self.tensors]}
 
 
 @dataclass(frozen=True)
@@ -753,6 +822,7 @@ class Manifest:
     export: dict = field(default_factory=dict)
     engines: tuple = ()             # EngineRecord: TensorRT engines built from the graph
     heads: tuple = ()               # HeadSpec, run after the graph in this order
+    graph_weights: GraphWeights | None = None  # the graph's initializers kept beside it (models over 2 GiB)
 
     FIELDS: ClassVar = ("format", "schema_version", "kind", "gradprobe_version", "created", "model", "input",
                         "graph", "score_orientation", "files", "detector", "export", "engines", "heads")
@@ -768,6 +838,10 @@ class Manifest:
         if self.kind != "gradcon":
             raise BundleError(f"this is a {self.kind!r} bundle, not a gradcon bundle")
         return self.section
+
+    def graph_files(self) -> list[str]:
+        """The files an engine of the graph reads: the graph, and its weights where they lie apart."""
+        return [self.graph] + ([self.graph_weights.file] if self.graph_weights else [])
 
     def output(self, name: str) -> TensorSpec | None:
         return next((spec for spec in self.outputs if spec.name == name), None)
@@ -801,6 +875,7 @@ class Manifest:
         graph = _dict(_get(data, "graph", ""), "graph")
         graph_file = check_plain_name(_get(graph, "file", "graph"), "manifest field graph.file")
         detector = data.get("detector")
+        weights = graph.get("weights")
         manifest = cls(
             kind=kind, input=InputSpec.from_json(_get(data, "input", ""), "input"), graph=graph_file,
             inputs=_list(_get(graph, "inputs", "graph"), "graph.inputs", TensorSpec.from_json, max_length=16),
@@ -812,7 +887,8 @@ class Manifest:
             created=_str(data.get("created", ""), "created", max_length=64),
             export=_json_value(_dict(data.get("export", {}), "export"), "export"),
             engines=_list(data.get("engines", []), "engines", EngineRecord.from_json, max_length=64),
-            heads=_list(data.get("heads", []), "heads", HeadSpec.from_json, max_length=16))
+            heads=_list(data.get("heads", []), "heads", HeadSpec.from_json, max_length=16),
+            graph_weights=None if weights is None else GraphWeights.from_json(weights, "graph.weights"))
         manifest.check()
         return manifest
 
@@ -858,6 +934,8 @@ class Manifest:
             if tuple(source.shape[1:]) != (self.detector.feature_count,):
                 raise BundleError(f"manifest field detector.feature_count: {self.detector.feature_count} features, but "
                                   f"detector.features {source.name!r} has shape {list(source.shape)}")
+        if self.graph_weights is not None:
+            self.graph_weights.check_against(self.files, self.graph)
         check_heads(self.heads, self.outputs, self.files)
         self.section.check_against(self)
 
@@ -866,7 +944,8 @@ class Manifest:
                 "gradprobe_version": self.gradprobe_version, "created": self.created,
                 "model": self.model.to_json(), "input": self.input.to_json(),
                 "graph": {"file": self.graph, "inputs": [s.to_json() for s in self.inputs],
-                          "outputs": [s.to_json() for s in self.outputs]},
+                          "outputs": [s.to_json() for s in self.outputs],
+                          **({"weights": self.graph_weights.to_json()} if self.graph_weights else {})},
                 self.kind: self.section.to_json(),
                 "detector": None if self.detector is None else self.detector.to_json(),
                 "score_orientation": SCORE_ORIENTATION,

@@ -132,7 +132,9 @@ def test_vit_map_is_on_the_token_grid(zoo_bundles):
                                   "shufflenet_v2_x0_5", "convnext_tiny", "regnet_y_400mf", "timm/convnext_atto",
                                   "timm/resnet26d", "timm/vit_tiny_patch16_224"])
 def test_real_models_in_peers_venv(name, tmp_path):
-    """One row of ``benchmarks/zoo.py`` per model: export, logits, maps, Grad-CAM vs pytorch_grad_cam, norms."""
+    """One row of ``benchmarks/zoo.py`` per model: export, logits, maps, Grad-CAM vs pytorch_grad_cam, norms, each
+    within 1e-4; a miss passes only when it is within twice the float32 floor of that check (float32 autograd's
+    own error, maps from ONNX Runtime's float32 forward) and the same graph run in float64 is within 1e-9."""
     if not PEERS_PYTHON.exists():
         pytest.skip(f"peers venv not found at {PEERS_PYTHON}: run `make peers` (or set GRADPROBE_PEERS_PYTHON)")
     out = tmp_path / "row.json"
@@ -141,4 +143,8 @@ def test_real_models_in_peers_venv(name, tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     row = json.loads(out.read_text())
     print(json.dumps({k: v for k, v in row.items() if k != "traceback"}))
-    assert row.get("ok"), row.get("error") or row
+    assert row.get("export"), row.get("error") or row
+    if not row.get("ok"):  # random-init models whose float32 autograd is itself ~1e-4 off float64
+        exact = max((row.get("float64_graph_errors") or {"missing": float("inf")}).values())
+        assert row.get("float32_limited") and exact <= 1e-9, (
+            "misses beyond twice the float32 floor, or the graph is not exact in float64", row)
