@@ -49,7 +49,8 @@ TOLERANCE = 1e-4
 #: take hours. Every family has a member below it. ZOO_LAYER_GRADS_MAX_PARAMS overrides.
 LAYER_GRADS_MAX_PARAMS = int(float(os.environ.get("ZOO_LAYER_GRADS_MAX_PARAMS", 3e7)))
 #: ZOO_TRAIN_STEPS=N: N SGD steps on real Fashion-MNIST after the random init, and the checks on Fashion-MNIST
-#: test images (what the CI's reference models get): random-init networks are badly conditioned in float32.
+#: test images (the CI's reference models are briefly trained too): random-init networks are badly conditioned
+#: in float32.
 TRAIN_STEPS = int(os.environ.get("ZOO_TRAIN_STEPS", 0))
 
 #: torchvision models whose smallest accepted input is not 64x64, and builder arguments.
@@ -631,7 +632,7 @@ def table(results: Path, out: Path) -> None:
         fails = [k for k, v in cnn.items() if v.get("export") and not v.get("ok") and k not in limited]
         refused = [k for k, v in cnn.items() if not v.get("export") and not v.get("timeout") and not v.get("crash")]
         stopped = [k for k, v in chosen.items() if v.get("timeout") or v.get("crash")]
-        exact = {k: max(v["float64_graph_errors"].values()) for k, v in chosen.items() if v.get("float64_graph_errors")}
+        exact = {k: _float64_error(v) for k, v in chosen.items() if v.get("float64_graph_errors")}
         missed = [k for k, v in chosen.items() if v.get("export") and not v.get("ok")]
         checked = [k for k in missed if k in exact]
         lines += [f"## {title}", "",
@@ -665,20 +666,28 @@ def table(results: Path, out: Path) -> None:
                 lines.append(f"| {name} | {row['family']} | {params} | {row.get('input', '')} | no | "
                              f"| | | | | | | {row.get('error', '')[:600].replace('|', '/').replace(chr(10), ' ')} |")
                 continue
-            maps = max(row["map_errors"].values()) if row.get("map_errors") else None
             forms = ", ".join(f"{k} {v}" for k, v in row.get("forms", {}).items())
-            kinks = f" ({row['kink_samples']} at a kink)" if row.get("kink_samples") else ""
             lines.append(f"| {name} | {row['family']} | {row['params'] / 1e6:.1f} M | {row['input']} | yes "
                          f"({row['export_s']:.0f} s) | {row['target']} {row['target_shape']} | "
-                         f"{_fmt(row.get('logits_error'))} | {_fmt(maps)} | "
-                         f"{_fmt(row.get('gradcam_error_of_peak', row.get('gradcam_error')))} | "
-                         f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'}"
-                         f"{kinks} | {forms} | {_fmt(exact.get(name))} | {_result(row)} |")
+                         f"{' | '.join(_error_cells(row))} | {forms} | {_fmt(exact.get(name))} | {_result(row)} |")
         lines.append("")
     trained = results.with_name(results.stem + "_trained.json")
     if trained.exists():
         lines += _trained_section(json.loads(trained.read_text()), rows)
     out.write_text("\n".join(lines) + "\n")
+
+
+def _float64_error(row: dict) -> float | None:
+    return max(row["float64_graph_errors"].values()) if row.get("float64_graph_errors") else None
+
+
+def _error_cells(row: dict) -> list[str]:
+    """The logits, maps, Grad-CAM and layer_grads cells of an exported row."""
+    maps = max(row["map_errors"].values()) if row.get("map_errors") else None
+    kinks = f" ({row['kink_samples']} at a kink)" if row.get("kink_samples") else ""
+    layer_grads = _fmt(row.get("layer_grads_error")) + kinks if row.get("layer_grads") else "not run (size)"
+    return [_fmt(row.get("logits_error")), _fmt(maps), _fmt(row.get("gradcam_error_of_peak", row.get("gradcam_error"))),
+            layer_grads]
 
 
 def _result(row: dict) -> str:
@@ -694,19 +703,16 @@ def _trained_section(trained: dict, rows: dict) -> list[str]:
     lines = ["## Briefly trained", "",
              f"The same checks after `ZOO_TRAIN_STEPS={'/'.join(map(str, steps))}`: SGD steps (batch 16) on "
              "Fashion-MNIST train images resized and grey in three channels, then the checks on Fashion-MNIST test "
-             "images; the recipe of the CI's reference models (`tests/reference_models.py`): random-init networks "
-             "are badly conditioned in float32. Run on a subset so far (the whole zoo takes about 7 hours here): "
+             "images (the CI's reference models are briefly trained too, `tests/reference_models.py`): random-init "
+             "networks are badly conditioned in float32. Run on a subset so far (the whole zoo takes about 7 hours "
+             "here): "
              f"**{len(passed)}/{len(trained)} pass**.", "",
              "| model | random init | logits | maps | Grad-CAM | layer_grads | graph in float64 | result |",
              "|---|---|---|---|---|---|---|---|"]
     for name in sorted(trained):
         row = trained[name]
-        maps = max(row["map_errors"].values()) if row.get("map_errors") else None
-        exact = max(row["float64_graph_errors"].values()) if row.get("float64_graph_errors") else None
-        lines.append(f"| {name} | {_result(rows[name]) if name in rows else ''} | {_fmt(row.get('logits_error'))} | "
-                     f"{_fmt(maps)} | {_fmt(row.get('gradcam_error_of_peak', row.get('gradcam_error')))} | "
-                     f"{_fmt(row.get('layer_grads_error')) if row.get('layer_grads') else 'not run (size)'} | "
-                     f"{_fmt(exact)} | {_result(row)} |")
+        lines.append(f"| {name} | {_result(rows[name]) if name in rows else ''} | {' | '.join(_error_cells(row))} | "
+                     f"{_fmt(_float64_error(row))} | {_result(row)} |")
     return lines + [""]
 
 

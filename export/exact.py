@@ -32,22 +32,19 @@ def probe_in_float64(model: nn.Module, example: torch.Tensor, *, layer_grads: bo
 
 
 def run_in_float64(probe: nn.Module, norms, images: np.ndarray, contrast: np.ndarray) -> dict[str, np.ndarray]:
-    """Every output of the float64 probe module, with the tap columns of ``layer_grad_sqnorm`` (which the
-    kernels finish after ONNX Runtime) completed here from the taps, per sample."""
+    """Every output of the float64 probe module, with the tap columns of ``layer_grad_sqnorm`` completed from
+    the taps by the runtime's kernels, as after ONNX Runtime (their numpy form multiplies in the inputs' dtype,
+    here float64)."""
+    from gradprobe import kernels
+
     with torch.no_grad():
-        outputs = probe(torch.from_numpy(images).double(), torch.from_numpy(contrast))
-        if "layer_grad_sqnorm" in outputs:
-            columns = outputs["layer_grad_sqnorm"].clone()
-            for column, entry in enumerate(norms):
-                if entry.form != "tap":
-                    continue
-                x, grad, spec = outputs.pop(f"tap_input_{column}"), outputs.pop(f"tap_grad_{column}"), entry.spec
-                shape = (spec.out_channels, spec.in_channels // spec.groups, *spec.kernel)
-                columns[:, column] = torch.stack([
-                    torch.nn.grad.conv2d_weight(x[i:i + 1], shape, grad[i:i + 1], spec.stride, spec.padding,
-                                                spec.dilation, spec.groups).pow(2).sum() for i in range(len(x))])
-            outputs["layer_grad_sqnorm"] = columns
-    return {name: value.numpy() for name, value in outputs.items()}
+        outputs = {name: value.numpy() for name, value in
+                   probe(torch.from_numpy(images).double(), torch.from_numpy(contrast)).items()}
+    for column, entry in enumerate(norms or ()):
+        if entry.form == "tap":
+            kernels.write_tap_column(outputs["layer_grad_sqnorm"], column, outputs.pop(f"tap_input_{column}"),
+                                     outputs.pop(f"tap_grad_{column}"), entry.spec)
+    return outputs
 
 
 def references_in_float64(model: nn.Module, graph, maps, images: np.ndarray, contrast: np.ndarray) -> dict:

@@ -38,7 +38,7 @@ from . import kinks
 from .parity import parity_errors
 from .probe_module import OrderedOutputs, ProbeModule
 from .tensorrt_ops import tensorrt_incompatibilities
-from .weights_apart import GRAPH_WEIGHTS_FILE, move_weights_apart
+from .weights_apart import move_weights_apart
 
 log = logging.getLogger("gradprobe.export")
 
@@ -396,10 +396,12 @@ def export_bundle(model: nn.Module, example_input, path: str | os.PathLike, *, t
         images, contrast = probe_inputs(prepared.example, classes, getattr(probe, "activation_sizes", ()))
         graph_bytes, problems, apart = to_onnx(probe, [spec.name for spec in manifest.outputs], images, contrast,
                                                opset, prepared.weights_apart)
+        blob = None
         if apart is not None:
-            weights[apart[1].file] = apart[0]
-            manifest = dataclasses.replace(manifest, graph_weights=apart[1])
-        errors = verify(graph_bytes, manifest, probe, images, contrast, model, weights.get(GRAPH_WEIGHTS_FILE))
+            blob, record = apart
+            weights[record.file] = blob
+            manifest = dataclasses.replace(manifest, graph_weights=record)
+        errors = verify(graph_bytes, manifest, probe, images, contrast, model, blob)
     manifest.export.update({"torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)",
                             "verified_against_torch": errors, "verify_tolerance": VERIFY_TOLERANCE,
                             "tensorrt_problems": problems})

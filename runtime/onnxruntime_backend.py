@@ -84,10 +84,10 @@ class OnnxRuntimeBackend(FixedSpecsBackend):
         options = session_options(threads, spinning)
         if strict and names[0] != "CPUExecutionProvider":
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-        self._initializers = [ort.OrtValue.ortvalue_from_numpy(array) for array in (initializers or {}).values()]
-        if initializers:  # the values must outlive the session, which reads them in place
-            options.add_external_initializers(list(initializers), self._initializers)
-        try:
+        try:  # the initializers come from a bundle too: ONNX Runtime's refusals become BundleError
+            self._initializers = [ort.OrtValue.ortvalue_from_numpy(array) for array in (initializers or {}).values()]
+            if initializers:  # the values must outlive the session, which reads them in place
+                options.add_external_initializers(list(initializers), self._initializers)
             # a graph loaded from bytes that names external data would have it read relative to the working
             # directory: an empty folder there instead, so only what ``initializers`` hands over is used
             with tempfile.TemporaryDirectory(prefix="gradprobe-no-external-data-") as nowhere:

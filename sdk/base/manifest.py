@@ -24,10 +24,11 @@ MAX_FILE_BYTES = 4 << 30
 MAX_MANIFEST_BYTES = 16 << 20
 #: A graph is one protobuf message, which cannot exceed 2 GiB: larger models keep their weights beside it.
 MAX_GRAPH_BYTES = 2 << 30
-#: numpy dtypes that weights kept beside the graph may have, and the alignment of each tensor in their file.
-WEIGHT_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
-WEIGHT_ALIGNMENT = 64
+#: numpy dtypes that weights kept beside the graph may have (with their item sizes), and the alignment of each
+#: tensor in their file.
 WEIGHT_ITEMSIZE = {"float32": 4, "float16": 2, "float64": 8, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+WEIGHT_DTYPES = tuple(WEIGHT_ITEMSIZE)
+WEIGHT_ALIGNMENT = 64
 #: Fitted detector arrays (uncompressed) and the npz file that holds them.
 MAX_DETECTOR_ARRAY_BYTES = 256 << 20
 MAX_DETECTOR_BYTES = MAX_DETECTOR_ARRAY_BYTES + (1 << 20)

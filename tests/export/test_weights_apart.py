@@ -18,7 +18,7 @@ from ..reference_models import make_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, fmnist_test):
+def whole_and_apart(tmp_path_factory, fmnist_test):
     """The same model exported whole and with its weights apart."""
     model = make_model("resnet-tiny")
     example = fmnist_test[0][:4]
@@ -30,8 +30,8 @@ def bundles(tmp_path_factory, fmnist_test):
     return whole, apart
 
 
-def test_weights_lie_apart_and_every_output_matches(bundles, fmnist_test):
-    whole, apart = bundles
+def test_weights_lie_apart_and_every_output_matches(whole_and_apart, fmnist_test):
+    whole, apart = whole_and_apart
     manifest = gradprobe.load(apart).manifest
     weights = manifest.graph_weights
     assert weights is not None and weights.file == GRAPH_WEIGHTS_FILE
@@ -46,8 +46,8 @@ def test_weights_lie_apart_and_every_output_matches(bundles, fmnist_test):
         np.testing.assert_allclose(got.outputs[name], expected.outputs[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_a_modified_weights_file_is_refused(bundles, tmp_path):
-    bundle = copy_bundle(bundles[1], tmp_path)
+def test_a_modified_weights_file_is_refused(whole_and_apart, tmp_path):
+    bundle = copy_bundle(whole_and_apart[1], tmp_path)
     data = bytearray((bundle / GRAPH_WEIGHTS_FILE).read_bytes())
     data[len(data) // 2] ^= 1
     (bundle / GRAPH_WEIGHTS_FILE).write_bytes(bytes(data))
@@ -62,33 +62,33 @@ def test_a_modified_weights_file_is_refused(bundles, tmp_path):
     ("shape", [-1], "integer in"),
     ("name", "", "non-empty"),
 ])
-def test_a_damaged_tensor_record_is_refused(bundles, tmp_path, field, value, message):
-    bundle = copy_bundle(bundles[1], tmp_path)
+def test_a_damaged_tensor_record_is_refused(whole_and_apart, tmp_path, field, value, message):
+    bundle = copy_bundle(whole_and_apart[1], tmp_path)
     edit_manifest(bundle, lambda m: m["graph"]["weights"]["tensors"][0].update({field: value}))
     with pytest.raises(BundleError, match=message):
         gradprobe.load(bundle)
 
 
-def test_a_tensor_of_another_shape_is_refused_by_the_engine(bundles, tmp_path):
-    bundle = copy_bundle(bundles[1], tmp_path)
+def test_a_tensor_of_another_shape_is_refused_by_the_engine(whole_and_apart, tmp_path):
+    bundle = copy_bundle(whole_and_apart[1], tmp_path)
     edit_manifest(bundle, lambda m: m["graph"]["weights"]["tensors"][0].update(shape=[1]))
     with pytest.raises(BundleError, match="cannot load the graph"):
         gradprobe.load(bundle)
 
 
-def test_a_graph_reference_the_manifest_does_not_list_is_never_followed(bundles, tmp_path, monkeypatch):
+def test_a_graph_reference_the_manifest_does_not_list_is_never_followed(whole_and_apart, tmp_path, monkeypatch):
     """The graph names its weights file; ONNX Runtime reads a tensor that nobody hands over from that path
     relative to the working directory (here the bundle, where the file lies): the runtime hands over only
     what the manifest lists, from checked bytes, and points ONNX Runtime at an empty folder for the rest."""
-    bundle = copy_bundle(bundles[1], tmp_path)
+    bundle = copy_bundle(whole_and_apart[1], tmp_path)
     edit_manifest(bundle, lambda m: m["graph"]["weights"]["tensors"].pop(0))
     monkeypatch.chdir(bundle)
     with pytest.raises(BundleError, match="cannot load the graph.*does not exist"):
         gradprobe.load(bundle)
 
 
-def test_weights_file_must_be_a_listed_file_apart_from_the_graph(bundles, tmp_path):
-    bundle = copy_bundle(bundles[1], tmp_path)
+def test_weights_file_must_be_a_listed_file_apart_from_the_graph(whole_and_apart, tmp_path):
+    bundle = copy_bundle(whole_and_apart[1], tmp_path)
     edit_manifest(bundle, lambda m: m["graph"]["weights"].update(file=m["graph"]["file"]))
     with pytest.raises(BundleError, match="apart from the graph"):
         gradprobe.load(bundle)
@@ -97,15 +97,15 @@ def test_weights_file_must_be_a_listed_file_apart_from_the_graph(bundles, tmp_pa
         gradprobe.load(bundle)
 
 
-def test_tensorrt_build_says_it_does_not_take_such_bundles(bundles):
+def test_tensorrt_build_says_it_does_not_take_such_bundles(whole_and_apart):
     from gradprobe.export.tensorrt_build import build_engine
 
     with pytest.raises(ExportError, match="not supported yet"):
-        build_engine(bundles[1])
+        build_engine(whole_and_apart[1])
 
 
-def test_info_says_where_the_weights_are(bundles, capsys):
+def test_info_says_where_the_weights_are(whole_and_apart, capsys):
     from gradprobe.cli import main
 
-    assert main(["info", str(bundles[1])]) == 0
+    assert main(["info", str(whole_and_apart[1])]) == 0
     assert f"beside the graph in {GRAPH_WEIGHTS_FILE}" in capsys.readouterr().out
