@@ -22,6 +22,8 @@ from torch import nn
 from gradprobe.base.errors import ExportError, InputError
 from gradprobe.base.manifest import CONTRASTIVE_SHAPES, ContrastiveFeatures, HeadSpec, TensorSpec
 
+from .reductions import squared_sum
+
 VARIANTS = tuple(CONTRASTIVE_SHAPES)
 MEANINGS = {
     "full": "r_x, METHODS §4 full: dCE(z,i)/dW = (p - e_i) h^T for every class i, [B, C, C, d]",
@@ -65,7 +67,7 @@ def contrastive_features(variant: str, probs: torch.Tensor, features: torch.Tens
         eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
         return (probs[:, None, :] - eye[None])[..., None] * features[:, None, None, :]
     if variant == "norms":
-        return torch.sqrt(delta_sqnorms(probs) * (features * features).sum(dim=1, keepdim=True))
+        return torch.sqrt(delta_sqnorms(probs) * squared_sum(features, start_dim=1).unsqueeze(1))
     raise InputError(f"unknown contrastive variant {variant!r}; expected one of {list(VARIANTS)}")
 
 

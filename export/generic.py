@@ -28,6 +28,7 @@ from gradprobe.base.errors import ExportError
 
 from . import rules
 from .backward import Call
+from .reductions import squared_sum
 
 aten = torch.ops.aten
 
@@ -100,6 +101,7 @@ def _slice_scatter(input, src, dim=0, start=None, end=None, step=1):
     pieces = [input.narrow(dim, 0, start), torch.zeros_like(middle) + src.to(input.dtype),
               input.narrow(dim, end, size - end)]
     return torch.cat(pieces, dim)
+
 
 
 def decompositions() -> dict:
@@ -591,17 +593,19 @@ class GenericNorms(nn.Module):
 
 
 def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[str], state_names: list[str],
-                     where: str, batch: int) -> GenericNorms:
+                     where: str, batch: int, rows: int = 1) -> GenericNorms:
     """Norms for the get_attr parameters ``attributes`` (read through ``parameter_closure``) and the module
-    state entries ``state_names`` of one call, in that column order."""
+    state entries ``state_names`` of one call, in that column order. ``rows``: consecutive rows of the call's
+    batched inputs per image (Swin's windows, MobileViT's patches folded into the batch): each image's
+    gradient is the vjp through all of its rows."""
     spec = CallSpec(graph_module, call, [])
     if len(spec.out_grads) != 1:
         raise ExportError(f"{where}: per-sample parameter norms need a call with one tensor output")
     batched_slots = [i for i, n in enumerate(spec.slots) if n in call.batched]
     current = _batch_of(call)
-    if current is not None and current != batch:
-        raise ExportError(f"{where}: its input holds {current} rows for {batch} images (samples folded into the "
-                          "batch dimension, e.g. MobileViT's patches); per-sample parameter norms need one row per image")
+    if current is not None and current != batch * rows:
+        raise ExportError(f"{where}: its input holds {current} rows for {batch} images, not {rows} consecutive rows "
+                          "per image; per-sample parameter norms need each image's rows together")
     if current is None:
         raise ExportError(f"{where}: none of its tensor inputs carries the batch of images (e.g. a class token "
                           "expanded to the batch), so per-sample gradients of its parameters are not supported")
@@ -618,13 +622,13 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
         parameters = list(flat[used:used + len(attributes)])
         grad = flat[used + len(attributes)]
 
-        def one(*sample):
+        def one(*sample):  # one image: its rows of every batched input and of the output gradient
             inputs, g = sample[:-1], sample[-1]
 
             def apply(*chosen):
                 local, local_state = list(values), dict(state)
                 for i, slot in enumerate(batched_slots):
-                    local[slot] = inputs[i].unsqueeze(0)
+                    local[slot] = inputs[i]
                 computed = _evaluate(graph_module, closure, dict(zip(attributes, chosen[:len(attributes)])))
                 for i in closure_slots:
                     local[i] = computed[spec.slots[i]]
@@ -633,10 +637,11 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
 
             chosen = parameters + [state[name] for name in state_names]
             _, pullback = torch.func.vjp(apply, *chosen)
-            return tuple((t * t).sum() for t in pullback(g.unsqueeze(0)))
+            return tuple(squared_sum(t) for t in pullback(g))
 
+        per_image = [_per_image(values[i], rows) for i in batched_slots] + [_per_image(grad, rows)]
         with _PlainNorms():
-            columns = torch.func.vmap(one)(*[values[i] for i in batched_slots], grad)
+            columns = torch.func.vmap(one)(*per_image)
         # stacked outside vmap: a stack under vmap traces to aten.empty_permuted, which the ONNX exporter lacks
         return torch.stack(columns, dim=1)
 
@@ -649,13 +654,14 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
         batched = _batched_positions(spec, batched_slots)
         weights = [v for i, v in enumerate(flat) if i not in batched and isinstance(v, torch.Tensor)] + parameters
         other = trace_batch(list(call.values.values()), avoid={batch} | tensor_sizes(weights))
-        rows = torch.arange(other) % batch
-        resized = [value[rows] if i in batched else value for i, value in enumerate(flat)]
-        second = _make_fx(norms, resized + parameters + [grad[rows]], where, what)
-        _free_batch_constants(traced, second, batch, other, where)
+        images = torch.arange(other) % batch
+        taken = (images[:, None] * rows + torch.arange(rows)).flatten()  # whole images, each with its rows
+        resized = [value[taken] if i in batched else value for i, value in enumerate(flat)]
+        second = _make_fx(norms, resized + parameters + [grad[taken]], where, what)
+        _free_batch_constants(traced, second, batch, other, where, rows)
     positions = _batched_positions(spec, batched_slots)
-    _check_batch_free(traced, [_one_more_row(v) if i in positions else v for i, v in enumerate(flat)] + parameters
-                      + [_one_more_row(grad)], where)
+    _check_batch_free(traced, [_one_more_image(v, rows) if i in positions else v for i, v in enumerate(flat)]
+                      + parameters + [_one_more_image(grad, rows)], where)
     return GenericNorms(spec, traced, attributes, state_names)
 
 
@@ -683,10 +689,11 @@ def _has_batch_constants(traced: fx.GraphModule, batch: int) -> bool:
                for v in _int_constants(node))
 
 
-def _free_batch_constants(first: fx.GraphModule, second: fx.GraphModule, batch: int, other: int, where: str) -> None:
+def _free_batch_constants(first: fx.GraphModule, second: fx.GraphModule, batch: int, other: int, where: str,
+                          rows: int = 1) -> None:
     """Replace in ``first`` (traced at ``batch``) each integer argument that is k * batch where ``second`` (the same
-    function traced at ``other``) has k * other by k times the batch size of the output gradient (the last
-    input). Constants equal in both traces are sizes of the layer, left alone."""
+    function traced at ``other``) has k * other by k times the number of images (the output gradient's rows, the
+    last input, over ``rows`` per image). Constants equal in both traces are sizes of the layer, left alone."""
     nodes, others = list(first.graph.nodes), list(second.graph.nodes)
     if len(nodes) != len(others) or any((a.op, a.target) != (b.op, b.target) for a, b in zip(nodes, others)):
         raise ExportError(f"{where}: its per-sample parameter-gradient norms trace to a different graph at another "
@@ -694,6 +701,9 @@ def _free_batch_constants(first: fx.GraphModule, second: fx.GraphModule, batch: 
     grad = [n for n in nodes if n.op == "placeholder"][-1]
     with first.graph.inserting_after(grad):
         size = first.graph.call_function(aten.sym_size.int, (grad, 0))
+    if rows > 1:
+        with first.graph.inserting_after(size):
+            size = first.graph.call_function(operator.floordiv, (size, rows))
     multiples = {1: size}
 
     def free(a, b):
@@ -722,8 +732,13 @@ def _pairwise(a, b, function):
     return function(a, b)
 
 
-def _one_more_row(tensor: torch.Tensor) -> torch.Tensor:
-    return torch.cat([tensor, tensor[:1]])
+def _per_image(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """[images * rows, ...] as [images, rows, ...]."""
+    return tensor.reshape(-1, rows, *tensor.shape[1:])
+
+
+def _one_more_image(tensor: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    return torch.cat([tensor, tensor[:rows]])
 
 
 def _check_batch_free(traced: fx.GraphModule, inputs: list, where: str) -> None:

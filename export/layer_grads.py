@@ -28,6 +28,7 @@ from gradprobe.kernels import ConvSpec, choose_form
 from .backward import _pair, where
 from .generic import parameter_closure
 from .graph import ProbeGraph
+from .reductions import squared_sum, staged_sum
 
 CONFOUNDING_LOSSES = ("bce", "softmax")
 
@@ -43,6 +44,7 @@ class ParameterNorm:
     spec: ConvSpec | None = None
     attribute: str = ""   # the parameter as the call reads it: a state name of the module, or a get_attr target
     per_position: bool = False  # a Linear applied at every position of a map or sequence (a 1x1 convolution)
+    rows: int = 1       # rows of the call's batch per image (Swin's windows folded into the batch)
 
 
 def _spec(conv: nn.Conv2d) -> ConvSpec:
@@ -171,7 +173,7 @@ def as_map(value: torch.Tensor) -> torch.Tensor:
 
 
 def _sqsum(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor * tensor).flatten(1).sum(dim=1)
+    return squared_sum(tensor, start_dim=1)
 
 
 def gram_sqnorm(patches: torch.Tensor, grad: torch.Tensor, groups: int) -> torch.Tensor:
@@ -179,7 +181,7 @@ def gram_sqnorm(patches: torch.Tensor, grad: torch.Tensor, groups: int) -> torch
     grads = grad.reshape(-1, groups, grad.shape[1] // groups, grad.shape[2] * grad.shape[3])
     gram_a = patches.transpose(2, 3) @ patches
     gram_g = grads.transpose(2, 3) @ grads
-    return (gram_a * gram_g).flatten(1).sum(dim=1)
+    return staged_sum(gram_a * gram_g, start_dim=1)
 
 
 def closed_form_sqnorm(entry: ParameterNorm, module: nn.Module, x: torch.Tensor, grad: torch.Tensor):

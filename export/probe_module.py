@@ -21,6 +21,7 @@ from .generic import VJPCache, check_traceable, free_batch, per_sample_norms, te
 from .graph import ProbeGraph
 from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
                           expanded_sqnorm, gram_sqnorm)
+from .reductions import squared_sum
 
 #: What each non-map output means (maps describe themselves through the table).
 MEANINGS = {
@@ -103,6 +104,7 @@ class ProbeModule(nn.Module):
         if self.layer_norms:
             network = graph.network_nodes()
             self.layer_backward = Backward(graph, env, network, set(network), hand_rules, cache)
+            self._fold_rows(env)
             self._plan_generic_norms(env)
         if cache.zero:
             raise ExportError(f"{cache.zero[0]} has a zero gradient for every input (a piecewise-constant or "
@@ -121,7 +123,27 @@ class ProbeModule(nn.Module):
                 (*self.graph_module.parameters(), *self.graph_module.buffers()))
             batch = free_batch(fixed)
             self.example_batch, self.activation_sizes = batch, fixed
-            return envs.get(batch) or self.run_graph(example[torch.arange(batch) % len(example)])
+            self.example_images = example[torch.arange(batch) % len(example)]
+            return envs.get(batch) or self.run_graph(self.example_images)
+
+    def _fold_rows(self, env: dict) -> None:
+        """Each norm's rows per image (``_rows_per_image``). Per-sample norms of folded rows are the generic
+        rule's vjp over all of an image's rows, or a per-position Linear's sum over all of an image's positions;
+        the other closed forms read one row per image."""
+        self._changed_runs = {}  # the graph run with one image changed, for _rows_per_image
+        rows = {}
+        for entry in self.layer_norms:
+            if entry.node is None:
+                continue
+            if entry.node not in rows:
+                place = where(self.graph_module, entry.node)
+                rows[entry.node] = self._rows_per_image(make_call(self.graph_module, entry.node, env), env, place)
+            entry.rows = rows[entry.node]
+            if entry.rows > 1 and entry.form != "generic" and not entry.per_position:
+                raise ExportError(f"{where(self.graph_module, entry.node)}: it folds {entry.rows} rows per image "
+                                  f"into its batch, and the {entry.kind} norm of {entry.name!r} is not supported "
+                                  "there")
+        del self._changed_runs
 
     def _plan_generic_norms(self, env: dict) -> None:
         groups: dict = {}
@@ -133,7 +155,33 @@ class ProbeModule(nn.Module):
             attributes = [e.attribute for e in entries if node.op != "call_module"]
             state = [e.attribute for e in entries if node.op == "call_module"]
             self.norms[node.name] = per_sample_norms(self.graph_module, call, attributes, state,
-                                                     where(self.graph_module, node), self.example_batch)
+                                                     where(self.graph_module, node), self.example_batch,
+                                                     entries[0].rows)
+
+    def _rows_per_image(self, call, env: dict, place: str) -> int:
+        """How many rows of the call's batched inputs belong to one image: 1, or k where the model folds k rows
+        of each image into the batch (Swin's windows, MobileViT's patches). Checked, not assumed: changing the
+        first (or the last) image alone must change only its own k consecutive rows."""
+        rows = next((call.values[n].shape[0] for n in call.inputs if n in call.batched), self.example_batch)
+        if rows == self.example_batch:
+            return 1
+        per_image = rows // self.example_batch
+        if rows % self.example_batch:
+            raise ExportError(f"{place}: its input holds {rows} rows for {self.example_batch} images, not a whole "
+                              "number per image; per-sample parameter norms need each image's rows")
+        for image in (0, self.example_batch - 1):
+            changed = self._changed_runs.get(image)
+            if changed is None:
+                images = self.example_images.clone()
+                images[image] = 1 - images[image]
+                changed = self._changed_runs[image] = self.run_graph(images)
+            own = set(range(image * per_image, (image + 1) * per_image))
+            for node in (n for n in call.inputs if n in call.batched):
+                differs = (changed[node] - env[node]).reshape(rows, -1).abs().amax(dim=1) > 0
+                if not set(torch.nonzero(differs).flatten().tolist()) <= own:
+                    raise ExportError(f"{place}: it folds {per_image} rows per image into its batch, but not as "
+                                      "each image's consecutive rows; per-sample parameter norms are not supported")
+        return per_image
 
     def output_specs(self, outputs: dict) -> list[TensorSpec]:
         """Name, dtype, shape (batch named B) and meaning of every output, from one forward's ``outputs``."""
@@ -171,7 +219,7 @@ class ProbeModule(nn.Module):
         others_of_pred = (squares * (1 - pred_hot)).sum(dim=1, keepdim=True)
         others = torch.where(pred_hot > 0, others_of_pred, squares.sum(dim=1, keepdim=True) - squares)
         delta_sqnorm = others + (1 - probs) ** 2
-        feature_sqnorm = (features * features).sum(dim=1, keepdim=True)
+        feature_sqnorm = squared_sum(features, start_dim=1).unsqueeze(1)
 
         # Confounding all-ones label, BCE-with-logits summed over classes: delta = sigmoid(z) - 1.
         confounding_delta = torch.sigmoid(logits) - 1
@@ -217,6 +265,8 @@ class ProbeModule(nn.Module):
                 columns.append(expanded_sqnorm(env[entry.node.args[0]], self._grad(grads, entry.node, env)))
                 continue
             x, grad = env[entry.node.args[0]], self._grad(grads, entry.node, env)
+            if entry.rows > 1:  # an image's positions in all of its rows
+                x, grad = (value.reshape(-1, entry.rows, *value.shape[1:]) for value in (x, grad))
             if entry.per_position and entry.kind == "linear_weight":
                 x, grad = as_map(x), as_map(grad)
             if entry.form == "closed":

@@ -119,6 +119,29 @@ def test_forms_cover_every_kind_of_parameter(zoo_bundles):
     assert forms["bn1.weight"] == "generic" and forms["bn3.weight"] == "closed" and forms["se.fc1.bias"] == "closed"
 
 
+
+def test_windows_folded_into_the_batch(zoo_bundles):
+    """Swin's windows folded into the batch: the score bias (an add on the folded rows) goes through the generic
+    rule over each image's windows, the Linears on them through the per-position forms over all of an image's
+    positions (their norms match vmap(grad) in test_zoo_model_matches_autograd)."""
+    _, probe = zoo_bundles("swin_windows")
+    forms = dict(zip(probe.manifest.classifier.layer_grads.names, probe.manifest.classifier.layer_grads.forms))
+    assert forms["attention.bias"] == "generic" and forms["attention.qkv.weight"] in ("gram", "tap")
+
+
+def test_windows_folded_out_of_image_order_are_refused(tmp_path):
+    """Rows folded window by window (every image's first window, then every image's second): an image's rows
+    are not consecutive, which the export checks instead of assuming."""
+    from gradprobe.base.errors import ExportError
+
+    from .zoo_models import WindowSwinIsh
+
+    model = WindowSwinIsh(image_major=False).eval()
+    example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ExportError, match=r"attention.*folds 4 rows per image.*not as each image's consecutive rows"):
+        gradprobe.export(model, example, tmp_path / "b", layer_grads=True)
+    assert not (tmp_path / "b").exists()
+
 def test_vit_map_is_on_the_token_grid(zoo_bundles):
     """The last blocks reach the logits only through the class token: the map is taken where patch tokens
     still matter (the last block's norm1, as pytorch-grad-cam advises for ViTs), on the 4x4 patch grid."""

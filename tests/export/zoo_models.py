@@ -517,10 +517,54 @@ class SwinIsh(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+
+class WindowAttention(nn.Module):
+    """timm's Swin attention: the map's windows folded into the batch ([images * windows, tokens, channels]),
+    qkv and proj Linears on them, and a learned bias over token pairs added to the scores (a parameter read by
+    an ``add`` on the folded rows: the generic rule's per-sample norms sum each image's windows)."""
+
+    def __init__(self, dim: int, window: int, image_major: bool = True):
+        super().__init__()
+        self.window, self.image_major = window, image_major
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(0.1 * torch.randn(window * window, window * window))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, height, width, channels = x.shape
+        rows, cols, window = height // self.window, width // self.window, self.window
+        order = (0, 1, 3, 2, 4, 5) if self.image_major else (1, 3, 0, 2, 4, 5)  # windows image by image, or not
+        windows = x.reshape(batch, rows, window, cols, window, channels).permute(*order)
+        windows = windows.reshape(-1, window * window, channels)
+        q, k, v = self.qkv(windows).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) * channels ** -0.5 + self.bias
+        mixed = self.proj(scores.softmax(dim=-1) @ v)
+        shape = (batch, rows, cols, window, window, channels) if self.image_major else \
+            (rows, cols, batch, window, window, channels)
+        back = (0, 1, 3, 2, 4, 5) if self.image_major else (2, 0, 3, 1, 4, 5)
+        return x + mixed.reshape(shape).permute(*back).reshape(batch, height, width, channels)
+
+
+class WindowSwinIsh(nn.Module):
+    """A channels-last patch embedding, one window-attention block with its windows folded into the batch."""
+
+    def __init__(self, classes: int = 10, dim: int = 8, image_major: bool = True):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.attention = WindowAttention(dim, 4, image_major)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.norm(self.attention(self.embed(x).permute(0, 2, 3, 1)))
+        return self.head(x.mean((1, 2)))
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
        "vit": TinyViT, "ghostnet": GhostNetish,
-       "mobilevit": MobileViTish, "res2net": Res2Netish, "vgg_conv_mlp": ConvMlpVGGish, "swin": SwinIsh}
+       "mobilevit": MobileViTish, "res2net": Res2Netish, "vgg_conv_mlp": ConvMlpVGGish, "swin": SwinIsh,
+       "swin_windows": WindowSwinIsh}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
