@@ -2,8 +2,8 @@
 
 - default suite (main venv, no torchvision): small models written as torchvision and timm write theirs
   (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT,
-  GhostNet, MobileViT, Res2Net, timm VGG's ConvMlp head, Swin's shifted windows),
-  every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
+  GhostNet, MobileViT, Res2Net, timm VGG's ConvMlp head, Swin's shifted windows and its windows folded into the
+  batch), every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
   ``vmap(grad)``;
 - ``peers``: real torchvision and timm models through ``benchmarks/zoo.py`` in ``.venv-peers`` (Grad-CAM against
   pytorch_grad_cam too); the full table is ``benchmarks/results/zoo.md``.
