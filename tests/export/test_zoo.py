@@ -142,6 +142,7 @@ def test_windows_folded_out_of_image_order_are_refused(tmp_path):
         gradprobe.export(model, example, tmp_path / "b", layer_grads=True)
     assert not (tmp_path / "b").exists()
 
+
 def test_vit_map_is_on_the_token_grid(zoo_bundles):
     """The last blocks reach the logits only through the class token: the map is taken where patch tokens
     still matter (the last block's norm1, as pytorch-grad-cam advises for ViTs), on the 4x4 patch grid."""
