@@ -712,6 +712,7 @@ def _trained_section(trained: dict, rows: dict) -> list[str]:
     missed = [name for name in trained if name in rows and rows[name].get("export") and not rows[name].get("ok")]
     rescued = [name for name in missed if trained[name].get("ok")]
     limited = [name for name in missed if float32_limited(trained[name])]
+    others = sorted(set(missed) - set(rescued) - set(limited))
     lines = ["## Briefly trained", "",
              f"The same checks after `ZOO_TRAIN_STEPS={'/'.join(map(str, steps))}`: SGD steps (batch 16) on "
              "Fashion-MNIST train images resized and grey in three channels, then the checks on Fashion-MNIST test "
@@ -721,8 +722,7 @@ def _trained_section(trained: dict, rows: dict) -> list[str]:
              f"**{len(passed)}/{len(trained)} pass**; of the {len(missed)} random-init misses among them, "
              f"{len(rescued)} pass strictly once trained"
              + (f", {len(limited)} are float32-limited ({', '.join(sorted(limited))})" if limited else "")
-             + (f", other misses: {', '.join(sorted(set(missed) - set(rescued) - set(limited)))}"
-                if set(missed) - set(rescued) - set(limited) else "") + ".", "",
+             + (f", other misses: {', '.join(others)}" if others else "") + ".", "",
              "| model | random init | logits | maps | Grad-CAM | layer_grads | graph in float64 | result | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(trained):

@@ -103,7 +103,6 @@ def _slice_scatter(input, src, dim=0, start=None, end=None, step=1):
     return torch.cat(pieces, dim)
 
 
-
 def decompositions() -> dict:
     """Core aten decompositions plus the backward ops core aten leaves whole, as the hand rules compute them."""
     from torch._decomp import core_aten_decompositions, get_decompositions
@@ -515,7 +514,7 @@ def _example(spec: CallSpec, call: Call):
     state = _state(call.module) if call.module is not None else {}
     with torch.no_grad():
         output = spec.run([call.values[n] for n in spec.slots], state)
-    return spec.inputs(call), pytree.tree_leaves(output), _batch_of(call)
+    return spec.inputs(call), pytree.tree_leaves(output), batch_of(call)
 
 
 def _trace_vjp(spec: CallSpec, call: Call, where: str) -> fx.GraphModule | None:
@@ -531,7 +530,8 @@ def _trace_vjp(spec: CallSpec, call: Call, where: str) -> fx.GraphModule | None:
     return traced
 
 
-def _batch_of(call: Call) -> int | None:
+def batch_of(call: Call) -> int | None:
+    """Rows of the call's first batched input (the images' batch, or more where rows are folded into it)."""
     for node in call.inputs:
         if node in call.batched:
             return int(call.values[node].shape[0])
@@ -602,7 +602,7 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
     if len(spec.out_grads) != 1:
         raise ExportError(f"{where}: per-sample parameter norms need a call with one tensor output")
     batched_slots = [i for i, n in enumerate(spec.slots) if n in call.batched]
-    current = _batch_of(call)
+    current = batch_of(call)
     if current is not None and current != batch * rows:
         raise ExportError(f"{where}: its input holds {current} rows for {batch} images, not {rows} consecutive rows "
                           "per image; per-sample parameter norms need each image's rows together")
@@ -639,9 +639,9 @@ def per_sample_norms(graph_module: fx.GraphModule, call: Call, attributes: list[
             _, pullback = torch.func.vjp(apply, *chosen)
             return tuple(squared_sum(t) for t in pullback(g))
 
-        per_image = [_per_image(values[i], rows) for i in batched_slots] + [_per_image(grad, rows)]
+        by_image = [per_image(values[i], rows) for i in batched_slots] + [per_image(grad, rows)]
         with _PlainNorms():
-            columns = torch.func.vmap(one)(*per_image)
+            columns = torch.func.vmap(one)(*by_image)
         # stacked outside vmap: a stack under vmap traces to aten.empty_permuted, which the ONNX exporter lacks
         return torch.stack(columns, dim=1)
 
@@ -732,8 +732,8 @@ def _pairwise(a, b, function):
     return function(a, b)
 
 
-def _per_image(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """[images * rows, ...] as [images, rows, ...]."""
+def per_image(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """[images * rows, ...] as [images, rows, ...]: each image's consecutive rows together."""
     return tensor.reshape(-1, rows, *tensor.shape[1:])
 
 

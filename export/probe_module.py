@@ -17,7 +17,8 @@ from . import maps as explanation_maps
 from .backward import Backward, make_call, where
 from .contrastive import MEANINGS as CONTRASTIVE_MEANINGS
 from .contrastive import contrastive_features
-from .generic import VJPCache, check_traceable, free_batch, per_sample_norms, tensor_sizes
+from .generic import (VJPCache, batch_of, check_traceable, free_batch, per_image, per_sample_norms,
+                      tensor_sizes)
 from .graph import ProbeGraph
 from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
                           expanded_sqnorm, gram_sqnorm)
@@ -130,20 +131,18 @@ class ProbeModule(nn.Module):
         """Each norm's rows per image (``_rows_per_image``). Per-sample norms of folded rows are the generic
         rule's vjp over all of an image's rows, or a per-position Linear's sum over all of an image's positions;
         the other closed forms read one row per image."""
-        self._changed_runs = {}  # the graph run with one image changed, for _rows_per_image
-        rows = {}
+        changed_runs, rows = {}, {}  # the graph run with one image changed, by image; rows per image, by node
         for entry in self.layer_norms:
             if entry.node is None:
                 continue
+            place = where(self.graph_module, entry.node)
             if entry.node not in rows:
-                place = where(self.graph_module, entry.node)
-                rows[entry.node] = self._rows_per_image(make_call(self.graph_module, entry.node, env), env, place)
+                call = make_call(self.graph_module, entry.node, env)
+                rows[entry.node] = self._rows_per_image(call, env, place, changed_runs)
             entry.rows = rows[entry.node]
             if entry.rows > 1 and entry.form != "generic" and not entry.per_position:
-                raise ExportError(f"{where(self.graph_module, entry.node)}: it folds {entry.rows} rows per image "
-                                  f"into its batch, and the {entry.kind} norm of {entry.name!r} is not supported "
-                                  "there")
-        del self._changed_runs
+                raise ExportError(f"{place}: it folds {entry.rows} rows per image into its batch, and the "
+                                  f"{entry.kind} norm of {entry.name!r} is not supported there")
 
     def _plan_generic_norms(self, env: dict) -> None:
         groups: dict = {}
@@ -158,30 +157,30 @@ class ProbeModule(nn.Module):
                                                      where(self.graph_module, node), self.example_batch,
                                                      entries[0].rows)
 
-    def _rows_per_image(self, call, env: dict, place: str) -> int:
+    def _rows_per_image(self, call, env: dict, place: str, changed_runs: dict) -> int:
         """How many rows of the call's batched inputs belong to one image: 1, or k where the model folds k rows
         of each image into the batch (Swin's windows, MobileViT's patches). Checked, not assumed: changing the
         first (or the last) image alone must change only its own k consecutive rows."""
-        rows = next((call.values[n].shape[0] for n in call.inputs if n in call.batched), self.example_batch)
-        if rows == self.example_batch:
+        rows = batch_of(call)
+        if rows is None or rows == self.example_batch:
             return 1
-        per_image = rows // self.example_batch
+        folded = rows // self.example_batch
         if rows % self.example_batch:
             raise ExportError(f"{place}: its input holds {rows} rows for {self.example_batch} images, not a whole "
                               "number per image; per-sample parameter norms need each image's rows")
         for image in (0, self.example_batch - 1):
-            changed = self._changed_runs.get(image)
+            changed = changed_runs.get(image)
             if changed is None:
                 images = self.example_images.clone()
                 images[image] = 1 - images[image]
-                changed = self._changed_runs[image] = self.run_graph(images)
-            own = set(range(image * per_image, (image + 1) * per_image))
+                changed = changed_runs[image] = self.run_graph(images)
+            own = set(range(image * folded, (image + 1) * folded))
             for node in (n for n in call.inputs if n in call.batched):
                 differs = (changed[node] - env[node]).reshape(rows, -1).abs().amax(dim=1) > 0
                 if not set(torch.nonzero(differs).flatten().tolist()) <= own:
-                    raise ExportError(f"{place}: it folds {per_image} rows per image into its batch, but not as "
+                    raise ExportError(f"{place}: it folds {folded} rows per image into its batch, but not as "
                                       "each image's consecutive rows; per-sample parameter norms are not supported")
-        return per_image
+        return folded
 
     def output_specs(self, outputs: dict) -> list[TensorSpec]:
         """Name, dtype, shape (batch named B) and meaning of every output, from one forward's ``outputs``."""
@@ -266,7 +265,7 @@ class ProbeModule(nn.Module):
                 continue
             x, grad = env[entry.node.args[0]], self._grad(grads, entry.node, env)
             if entry.rows > 1:  # an image's positions in all of its rows
-                x, grad = (value.reshape(-1, entry.rows, *value.shape[1:]) for value in (x, grad))
+                x, grad = per_image(x, entry.rows), per_image(grad, entry.rows)
             if entry.per_position and entry.kind == "linear_weight":
                 x, grad = as_map(x), as_map(grad)
             if entry.form == "closed":
