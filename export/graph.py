@@ -10,6 +10,7 @@ default target is a real spatial map whatever the model's memory layout.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from gradprobe.base.errors import ExportError
+
+from .heads import LinearHead, PooledConvHead
 
 #: Parametric torch layers whose subclasses stay leaves (their parameters then belong to one call).
 LEAF_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.modules.batchnorm._NormBase,
@@ -81,7 +84,8 @@ class ProbeGraph:
     logits: fx.Node
     target_name: str
     linear_name: str
-    linear: fx.Node = None            # the last Linear's call (logits may pass through Identity/Dropout after it)
+    linear: fx.Node = None            # the last layer's call (logits may pass through Identity/Dropout after it)
+    head: object = LinearHead()       # how the logits depend on the last layer (``heads``)
     layout: Layout = CHANNELS_FIRST  # how the target holds its map
     layouts: dict = field(default_factory=dict)
     batched: set = field(default_factory=set)  # nodes whose value carries the batch (depends on the images)
@@ -449,15 +453,21 @@ def _read_pointwise_head_as_linear(model: nn.Module, graph_module: fx.GraphModul
     return True
 
 
-def _find_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node) -> fx.Node:
+def _find_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node) -> tuple[fx.Node, object]:
+    """The last layer's call and its head kind: an nn.Linear (or F.linear), else SqueezeNet's 1x1 Conv2d read
+    through ReLU and global average pooling."""
     node = logits
     passed = []
     while not _is_linear(graph_module, node):
         if not _is_pass_through(graph_module, node) or not node.all_input_nodes:
+            pooled = _pooled_conv_head(graph_module, node)
+            if pooled is not None:
+                return pooled
             through = f" (through {', '.join(passed)})" if passed else ""
             raise ExportError(f"the logits of {type(model).__name__} come from {describe_node(graph_module, node)}"
                               f"{through}; gradprobe needs them to come from an nn.Linear (or F.linear, or a 1x1 "
-                              "Conv2d on a pooled 1x1 map), possibly followed by Identity, Dropout or flatten")
+                              "Conv2d on a pooled 1x1 map, or a 1x1 Conv2d whose map is rectified and averaged), "
+                              "possibly followed by Identity, Dropout or flatten")
         passed.append(describe_node(graph_module, node))
         node = node.args[0]
     shape = _shape(logits)
@@ -467,7 +477,40 @@ def _find_linear(model: nn.Module, graph_module: fx.GraphModule, logits: fx.Node
     if features is None or len(features) != 2:
         raise ExportError(f"the last Linear {describe_node(graph_module, node)} reads a {features} tensor; "
                           "gradprobe needs it to read the penultimate features [B, d]")
-    return node
+    return node, LinearHead()
+
+
+def _is_global_average(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """An average over all positions of a [B, C, H, W] map, into [B, C, 1, 1] or [B, C]."""
+    if node.op == "call_module":
+        average = isinstance(graph_module.get_submodule(node.target), nn.AdaptiveAvgPool2d)
+    elif node.op == "call_function":
+        average = node.target in (F.adaptive_avg_pool2d, torch.mean)
+    else:
+        average = node.op == "call_method" and node.target == "mean"
+    before, after = (_shape(node.args[0]) if node.args else None), _shape(node)
+    return (average and before is not None and after is not None and len(before) == 4
+            and math.prod(after[1:]) == before[1] and after[1] == before[1])
+
+
+def _pooled_conv_head(graph_module: fx.GraphModule, pooled: fx.Node):
+    """(conv call, PooledConvHead) where ``pooled`` averages a 1x1 Conv2d's map, rectified or not; else None."""
+    if not _is_global_average(graph_module, pooled) or not isinstance(pooled.args[0], fx.Node):
+        return None
+    node, relu = pooled.args[0], False
+    if node.op in ("call_module", "call_function", "call_method") and node.all_input_nodes:
+        from . import rules  # noqa: F401  (the registry knows every form of ReLU)
+        from .backward import RULES
+        module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+        rule = RULES.find(node, module)
+        if rule is not None and rule.name == "relu":
+            node, relu = node.args[0], True
+    if node.op != "call_module" or type(conv := graph_module.get_submodule(node.target)) is not nn.Conv2d:
+        return None
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((1, 1), (1, 1), (0, 0),
+                                                                                     (1, 1), 1):
+        return None
+    return node, PooledConvHead(relu)
 
 
 def _linear_name(graph_module: fx.GraphModule, linear: fx.Node) -> str:
@@ -487,6 +530,13 @@ def _is_pooling(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _POOLING_FUNCTIONS or (node.target in (torch.mean, torch.amax) and len(node.args) > 1)
     return node.op == "call_method" and node.target in ("mean", "amax")
+
+
+def _is_identity(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    """Identity or Dropout (eval mode): the same tensor as its input, which names the target better."""
+    if node.op == "call_module":
+        return isinstance(graph_module.get_submodule(node.target), (nn.Identity, nn.Dropout))
+    return node.op == "call_function" and node.target is F.dropout
 
 
 def _owner_module(node: fx.Node, graph_module: fx.GraphModule) -> str | None:
@@ -618,15 +668,15 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
     if _read_pointwise_head_as_linear(model, graph_module, logits):
         with torch.no_grad():
             ShapeProp(graph_module).propagate(example)
-    linear = _find_linear(model, graph_module, logits)
+    linear, head = _find_linear(model, graph_module, logits)
     features = linear.args[0]
     layouts, batched = _layouts(graph_module)
 
     graph_module.gradprobe_batched = frozenset(batched)
     probe_graph = ProbeGraph(graph_module, linear, features, logits, "", _linear_name(graph_module, linear),
-                             linear=linear, layouts=layouts, batched=batched, opaque=frozenset(opaque))
+                             linear=linear, head=head, layouts=layouts, batched=batched, opaque=frozenset(opaque))
     reaches = probe_graph._feeding_logits()
-    on_path = reaches & batched
+    on_path = (reaches & batched) - _after(graph_module, linear)  # a target lies before the last layer
     candidates = _candidates(graph_module, layouts, on_path)
     probe_graph.candidates = candidates
     if target_layer is not None:
@@ -641,15 +691,19 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
                               "or tokens on a patch grid: pass grid=(h, w)); candidates: "
                               f"{candidate_table(graph_module, candidates, layouts)}")
         if target not in on_path:
-            raise ExportError(f"the logits do not depend on the target layer {target_layer!r}")
+            after = target in reaches and target in _after(graph_module, linear)
+            raise ExportError(f"the target layer {target_layer!r} lies after the last layer "
+                              f"{probe_graph.linear_name!r}; candidates: "
+                              f"{candidate_table(graph_module, candidates, layouts)}" if after else
+                              f"the logits do not depend on the target layer {target_layer!r}")
         spatial = layout.spatial(shape)
         if spatial[0] * spatial[1] <= 1:
             warnings.warn(f"target layer {target_layer!r} holds a {spatial[0]}x{spatial[1]} map: its explanation "
                           "maps have a single value (a post-pooling activation?)", stacklevel=3)
         name = target_layer
     else:
-        spatial = [n for n in candidates
-                   if not _is_pooling(graph_module, n) and _spatial_size(layouts[n], _shape(n)) > 1]
+        spatial = [n for n in candidates if not _is_pooling(graph_module, n) and not _is_identity(graph_module, n)
+                   and _spatial_size(layouts[n], _shape(n)) > 1]
         if not spatial:
             raise ExportError(f"{type(model).__name__} has no activation holding a spatial map larger than 1x1 on "
                               "the path to its logits; gradprobe explains convolutional classifiers and vision "
@@ -665,6 +719,15 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
     probe_graph.target, probe_graph.layout, probe_graph.target_name = target, layout, name
     probe_graph.chosen_by_default = target_layer is None
     return probe_graph
+
+
+def _after(graph_module: fx.GraphModule, node: fx.Node) -> set:
+    """``node`` and every node computed from it."""
+    after = {node}
+    for other in graph_module.graph.nodes:
+        if any(arg in after for arg in other.all_input_nodes):
+            after.add(other)
+    return after
 
 
 def _spatial_size(layout: Layout, shape) -> int:

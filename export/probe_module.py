@@ -22,16 +22,15 @@ from .generic import (VJPCache, batch_of, check_traceable, free_batch, per_image
 from .graph import ProbeGraph
 from .layer_grads import (ParameterNorm, PatchExtractor, as_map, closed_form_sqnorm, confounding_logit_grad,
                           expanded_sqnorm, gram_sqnorm)
-from .reductions import squared_sum
 
 #: What each non-map output means (maps describe themselves through the table).
 MEANINGS = {
     "logits": "z = W h + b, [B, C]",
     "probs": "softmax(z), [B, C]",
     "pred": "argmax z, [B] int64",
-    "features": "h, the input of the last Linear, [B, d]",
+    "features": "h, the input of the last Linear (a pooled-conv head's input averaged over positions), [B, d]",
     "contrast_class": "Q used for the contrastive map (contrast input, -1 resolved to the runner-up), [B] int64",
-    "label_grad_sqnorm": "||dCE(z,q)/d(W,b)||^2 of the last Linear for every class q, [B, C]",
+    "label_grad_sqnorm": "||dCE(z,q)/d(W,b)||^2 of the last layer for every class q, [B, C]",
     "confounding_grad_sqnorm": "[||dJ/dW||^2, ||dJ/db||^2] for the all-ones confounding label, "
                                "J = BCE-with-logits summed over classes, [B, 2]",
     "layer_grad_sqnorm": "squared L2 norm of every parameter tensor's per-sample gradient for the all-ones "
@@ -92,6 +91,11 @@ class ProbeModule(nn.Module):
         if example is None:
             raise ValueError("ProbeModule needs example images (normalised) to build its backward pass")
         env = self._example_env(example)
+        graph.head.check(graph, env)
+        if self.contrastive and not graph.head.rank_one:
+            raise ExportError(f"contrastive features (METHODS §4) read one h for every class, (p - e_i) h^T; the "
+                              f"last layer {graph.linear_name!r} is a {graph.head.describe()}, whose classes each "
+                              "read their own features: export without contrastive=")
         for node in graph.network_nodes():
             if node.op == "call_module" and node.target in graph.opaque:
                 check_traceable(self.graph_module, make_call(self.graph_module, node, env),
@@ -202,8 +206,8 @@ class ProbeModule(nn.Module):
         env = self.run_graph((images - self.mean) / self.std)
         activation = self.graph.map_of(env[self.graph.target])
         logits = env[self.graph.logits]
-        features = env[self.graph.features]
         classes = logits.shape[1]
+        terms = self.graph.head.terms(self.graph, env, bool(self._bias))
 
         probs = torch.softmax(logits, dim=1)
         pred = logits.argmax(dim=1)
@@ -212,21 +216,22 @@ class ProbeModule(nn.Module):
         contrast_class = torch.where(contrast < 0, runner_up, contrast)
         contrast_hot = _one_hot(contrast_class, classes, logits.dtype)
 
-        # METHODS §1: dCE(z, q)/dz = p - e_q, so ||grad_W||^2 + ||grad_b||^2 = ||p - e_q||^2 (||h||^2 + 1).
-        # ||p - e_q||^2 = sum_{j != q} p_j^2 + (1 - p_q)^2, the sum taken without cancellation at q = P.
-        squares = probs * probs
+        # METHODS §1: dCE(z, q)/dz = p - e_q, so ||grad_W||^2 + ||grad_b||^2 = sum_c (p_c - e_qc)^2 w_c with
+        # w_c = ||dz_c/dW_c||^2 + ||dz_c/db_c||^2 (= ||h||^2 + 1 for every class of a Linear). The sum over
+        # c != q is taken without cancellation at q = P.
+        per_class = terms.weight_sqnorm + terms.bias_sqnorm
+        squares = probs * probs * per_class
         others_of_pred = (squares * (1 - pred_hot)).sum(dim=1, keepdim=True)
         others = torch.where(pred_hot > 0, others_of_pred, squares.sum(dim=1, keepdim=True) - squares)
-        delta_sqnorm = others + (1 - probs) ** 2
-        feature_sqnorm = squared_sum(features, start_dim=1).unsqueeze(1)
+        label_grad_sqnorm = others + (1 - probs) ** 2 * per_class
 
         # Confounding all-ones label, BCE-with-logits summed over classes: delta = sigmoid(z) - 1.
-        confounding_delta = torch.sigmoid(logits) - 1
-        confounding_sq = (confounding_delta * confounding_delta).sum(dim=1, keepdim=True)
-        outputs = {"logits": logits, "probs": probs, "pred": pred, "features": features,
-                   "contrast_class": contrast_class, "label_grad_sqnorm": delta_sqnorm * (feature_sqnorm + self._bias),
-                   "confounding_grad_sqnorm": torch.cat([confounding_sq * feature_sqnorm, confounding_sq * self._bias],
-                                                        dim=1)}
+        confounding_sq = (torch.sigmoid(logits) - 1) ** 2
+        confounding = torch.stack([(confounding_sq * terms.weight_sqnorm).sum(dim=1),
+                                   (confounding_sq * terms.bias_sqnorm).sum(dim=1)], dim=1)
+        outputs = {"logits": logits, "probs": probs, "pred": pred, "features": terms.features,
+                   "contrast_class": contrast_class, "label_grad_sqnorm": label_grad_sqnorm,
+                   "confounding_grad_sqnorm": confounding}
 
         # METHODS §3: one backward to the target layer per distinct scalar target, shared by its maps.
         gradients = {}
@@ -238,7 +243,7 @@ class ProbeModule(nn.Module):
                 gradients[spec.target] = self.graph.map_of(grad)
             outputs[spec.name] = explanation_maps.weighted_map(spec, gradients[spec.target], activation)
         for variant in self.contrastive:  # METHODS §4: dCE(z, i)/dW = (p - e_i) h^T, no backward needed
-            outputs[f"contrastive_{variant}"] = contrastive_features(variant, probs, features)
+            outputs[f"contrastive_{variant}"] = contrastive_features(variant, probs, terms.features)
         if self.layer_norms:
             outputs.update(self._layer_grads(env, logits))
         return outputs

@@ -65,8 +65,8 @@ class ResearchReference:
         def keep(_module, _inputs, output):
             captured["activation"] = output
 
-        def keep_features(_module, inputs):
-            captured["features"] = inputs[0]
+        def keep_features(_module, inputs):  # a conv head's input map, averaged over positions
+            captured["features"] = inputs[0].mean(dim=(2, 3)) if inputs[0].dim() == 4 else inputs[0]
 
         hooks = [self.target.register_forward_hook(keep), self.linear.register_forward_pre_hook(keep_features)]
         try:

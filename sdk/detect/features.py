@@ -34,7 +34,10 @@ def gradient_features(result, source: str = "layer_grad_sqnorm") -> np.ndarray:
 
 
 def gradnorm_score(result, temperature: float = 1.0) -> np.ndarray:
-    """GradNorm (Huang et al. 2021, docs/METHODS.md §5) closed form, negated: -(1/T)·||h||₁·||p − u||₁."""
+    """GradNorm (Huang et al. 2021, docs/METHODS.md §5) closed form, negated: -(1/T)·||h||₁·||p − u||₁.
+
+    The closed form of a Linear head. For SqueezeNet's conv head ``features`` is the conv's input averaged over
+    positions, so there it scores a Linear reading those features, not the conv's own gradient."""
     z = np.asarray(result.logits, dtype=np.float64) / temperature
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)

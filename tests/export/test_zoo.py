@@ -3,8 +3,8 @@
 - default suite (main venv, no torchvision): small models written as torchvision and timm write theirs
   (``zoo_models``: ResNet-D, MobileNetV3, EfficientNet, ConvNeXt, DenseNet/GoogLeNet, ShuffleNet/RegNet, ViT,
   GhostNet, MobileViT, Res2Net, timm VGG's ConvMlp head, Swin's shifted windows and its windows folded into the
-  batch), every output against autograd: logits, the four maps per map peak, and ``layer_grads=True`` against
-  ``vmap(grad)``;
+  batch, SqueezeNet's conv head), every output against autograd: logits, the four maps per map peak, and
+  ``layer_grads=True`` against ``vmap(grad)``;
 - ``peers``: real torchvision and timm models through ``benchmarks/zoo.py`` in ``.venv-peers`` (Grad-CAM against
   pytorch_grad_cam too); the full table is ``benchmarks/results/zoo.md``.
 """
@@ -141,6 +141,48 @@ def test_windows_folded_out_of_image_order_are_refused(tmp_path):
     with pytest.raises(ExportError, match=r"attention.*folds 4 rows per image.*not as each image's consecutive rows"):
         gradprobe.export(model, example, tmp_path / "b", layer_grads=True)
     assert not (tmp_path / "b").exists()
+
+
+def test_squeezenet_head_reads_each_class_own_positions(zoo_bundles):
+    """SqueezeNet has no Linear: its last layer is the 1x1 conv whose rectified map is averaged. The default
+    target is the fire modules' output (before the classifier, not its Dropout); the closed-form norms read each
+    class's own features (matched against autograd in test_zoo_model_matches_autograd), which differ from the
+    pooled features wherever a class's map is positive at some positions only."""
+    from gradprobe.export.graph import trace
+
+    model, probe = zoo_bundles("squeezenet")
+    section = probe.manifest.classifier
+    assert (section.target_layer, section.linear) == ("features", "classifier.1")
+    graph = trace(model, torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    interpreter = torch.fx.Interpreter(graph.module, garbage_collect_values=False)
+    interpreter.run(torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    terms = graph.head.terms(graph, dict(interpreter.env), bias=True)
+    pooled = terms.features.pow(2).sum(dim=1, keepdim=True)
+    assert (terms.weight_sqnorm - pooled).abs().max() > 0.1 * pooled.max()
+
+
+def test_squeezenet_head_refusals(tmp_path):
+    """Contrastive features need one h for every class; a target after the last layer is named as such; a head
+    that is not what its pattern says (here: read as if the ReLU were absent) fails the export's check."""
+    import dataclasses
+
+    from gradprobe.base.errors import ExportError
+    from gradprobe.export.graph import trace
+    from gradprobe.export.heads import PooledConvHead
+
+    model = make_zoo_model("squeezenet")
+    example = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ExportError, match=r"contrastive features .* 'classifier.1' is a 1x1 Conv2d -> ReLU"):
+        gradprobe.export(model, example, tmp_path / "b", contrastive="compact")
+    with pytest.raises(ExportError, match=r"target layer 'classifier.2' lies after the last layer 'classifier.1'"):
+        gradprobe.export(model, example, tmp_path / "b", target_layer="classifier.2")
+    assert not (tmp_path / "b").exists()
+    graph = trace(model, example)
+    graph = dataclasses.replace(graph, head=PooledConvHead(relu=False))
+    interpreter = torch.fx.Interpreter(graph.module, garbage_collect_values=False)
+    interpreter.run(example)
+    with pytest.raises(ExportError, match=r"logits are not 1x1 Conv2d -> global average pooling of 'classifier.1'"):
+        graph.head.check(graph, dict(interpreter.env))
 
 
 def test_vit_map_is_on_the_token_grid(zoo_bundles):

@@ -560,11 +560,42 @@ class WindowSwinIsh(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze conv, then 1x1 and 3x3 expand convs concatenated."""
+
+    def __init__(self, inputs: int, squeeze: int, expand: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(inputs, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNetish(nn.Module):
+    """torchvision's SqueezeNet: no Linear; a 1x1 conv classifies every position, then ReLU and global average
+    pooling (the logits read each class's own positions). A BatchNorm centres the fire modules' output, so that
+    on noise images each class's map is positive at some positions only (as a trained one is)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2), nn.ReLU(inplace=True),
+                                      nn.MaxPool2d(3, 2, ceil_mode=True), Fire(16, 8, 16), Fire(32, 8, 16),
+                                      nn.BatchNorm2d(32))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(32, classes, 1), nn.ReLU(inplace=True),
+                                        nn.AdaptiveAvgPool2d((1, 1)))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
 ZOO = {"resnet_d": ResNetD, "mobilenet_v3": MobileNetV3ish, "efficientnet": EfficientNetish,
        "convnext": ConvNeXtish, "densenet_googlenet": DenseGoogLeNetish, "shufflenet_regnet": ShuffleRegNetish,
        "vit": TinyViT, "ghostnet": GhostNetish,
        "mobilevit": MobileViTish, "res2net": Res2Netish, "vgg_conv_mlp": ConvMlpVGGish, "swin": SwinIsh,
-       "swin_windows": WindowSwinIsh}
+       "swin_windows": WindowSwinIsh, "squeezenet": SqueezeNetish}
 
 
 def make_zoo_model(name: str, seed: int = 0) -> nn.Module:
