@@ -682,7 +682,8 @@ def table(results: Path, out: Path) -> None:
         lines.append("")
     trained = results.with_name(results.stem + "_trained.json")
     if trained.exists():
-        lines += _trained_section(json.loads(trained.read_text()), rows)
+        trained_rows = json.loads(trained.read_text())
+        lines += _family_section(rows, trained_rows) + _trained_section(trained_rows, rows)
     out.write_text("\n".join(lines) + "\n")
 
 
@@ -703,6 +704,38 @@ def _result(row: dict) -> str:
     if not row.get("export"):
         return "not exported"
     return "pass" if row.get("ok") else "FAIL (float32-limited)" if float32_limited(row) else "FAIL"
+
+
+def _family_section(rows: dict, trained: dict) -> list[str]:
+    """Random-init outcomes by source, kind and family, and how many pass strictly at random init or once
+    briefly trained (two protocols mixed: a summary, not the random-init result)."""
+    def outcome(row):
+        if not row.get("export"):
+            return "refused"
+        return "strict" if row.get("ok") else "limited" if float32_limited(row) else "other"
+
+    groups: dict = {}
+    for name, row in rows.items():
+        source = "timm" if name.startswith("timm/") else "torchvision"
+        kind = "transformer" if row.get("transformer") else "CNN"
+        groups.setdefault((source, kind, row["family"].removeprefix(source + " ")), []).append(name)
+    lines = ["## By family (random init)", "",
+             "| source | kind | family | models | strict pass | float32-limited | other miss | refused |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (source, kind, name), members in sorted(groups.items()):
+        cells = []
+        for kept in ("limited", "other", "refused"):
+            chosen = sorted(m for m in members if outcome(rows[m]) == kept)
+            cells.append(f"{len(chosen)} ({', '.join(chosen)})" if chosen else "0")
+        strict = sum(outcome(rows[m]) == "strict" for m in members)
+        lines.append(f"| {source} | {kind} | {name} | {len(members)} | {strict} | {' | '.join(cells)} |")
+    lines += ["", "CNNs passing strictly at random init or once briefly trained (`zoo_trained.json`):", ""]
+    for source in ("torchvision", "timm"):
+        cnns = [n for n, row in rows.items() if not row.get("transformer") and n.startswith("timm/") == (source == "timm")]
+        either = [n for n in cnns if rows[n].get("ok") or trained.get(n, {}).get("ok")]
+        lines.append(f"- {source} {len(either)}/{len(cnns)} ({100 * len(either) / max(len(cnns), 1):.1f} %; not: "
+                     f"{', '.join(sorted(set(cnns) - set(either))) or 'none'}).")
+    return lines + [""]
 
 
 def _trained_section(trained: dict, rows: dict) -> list[str]:

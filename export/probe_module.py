@@ -87,6 +87,8 @@ class ProbeModule(nn.Module):
         std = torch.ones(1) if std is None else torch.as_tensor(std, dtype=torch.float32)
         self.register_buffer("mean", mean.reshape(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", std.reshape(1, -1, 1, 1), persistent=False)
+        # no Sub and Div over every input pixel where the model reads the images as they are
+        self.normalizes = bool((mean != 0).any() or (std != 1).any())
         self._bias = 1.0 if _linear_bias(graph) is not None else 0.0  # a Linear without bias has no db term
         if example is None:
             raise ValueError("ProbeModule needs example images (normalised) to build its backward pass")
@@ -203,7 +205,7 @@ class ProbeModule(nn.Module):
 
 
     def forward(self, images: torch.Tensor, contrast: torch.Tensor) -> dict:
-        env = self.run_graph((images - self.mean) / self.std)
+        env = self.run_graph((images - self.mean) / self.std if self.normalizes else images)
         activation = self.graph.map_of(env[self.graph.target])
         logits = env[self.graph.logits]
         classes = logits.shape[1]

@@ -135,3 +135,18 @@ def test_batch_is_symbolic_whatever_the_example(example_batch, tmp_path):
     model = onnx.load(str(bundle / "probe.onnx"))
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in model.graph.input)
     assert gradprobe.load(bundle).run(np.random.rand(3, 1, 28, 28).astype(np.float32)).cam.shape[0] == 3
+
+
+def test_identity_normalisation_adds_no_op_on_the_images(tmp_path):
+    """mean 0 and std 1: the images go straight into the model (no Sub and Div over every pixel); any other
+    normalisation is applied in the graph, and the outputs match autograd either way."""
+    model = make_model("resnet-tiny")
+    images = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    for normalize, expected in ((([0.0], [1.0]), set()), (([0.2], [0.3]), {"Sub"})):
+        bundle = gradprobe.export(model, torch.rand(2, 1, 28, 28), tmp_path / str(normalize[1]), normalize=normalize)
+        graph = onnx.load(str(bundle / "probe.onnx")).graph
+        readers = {node.op_type for node in graph.node if "images" in node.input}
+        assert readers & {"Sub", "Div"} == expected, readers  # (x - mean) first, then / std
+        probe = gradprobe.load(bundle)
+        reference = ResearchReference.for_bundle(model, probe.manifest).run(images)
+        assert max(parity_errors(probe.run(images).as_dict(), reference).values()) <= RELATIVE
