@@ -709,11 +709,6 @@ def _result(row: dict) -> str:
 def _family_section(rows: dict, trained: dict) -> list[str]:
     """Random-init outcomes by source, kind and family, and how many pass strictly at random init or once
     briefly trained (two protocols mixed: a summary, not the random-init result)."""
-    def outcome(row):
-        if not row.get("export"):
-            return "refused"
-        return "strict" if row.get("ok") else "limited" if float32_limited(row) else "other"
-
     groups: dict = {}
     for name, row in rows.items():
         source = "timm" if name.startswith("timm/") else "torchvision"
@@ -724,10 +719,10 @@ def _family_section(rows: dict, trained: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for (source, kind, name), members in sorted(groups.items()):
         cells = []
-        for kept in ("limited", "other", "refused"):
-            chosen = sorted(m for m in members if outcome(rows[m]) == kept)
+        for kept in ("FAIL (float32-limited)", "FAIL", "not exported"):
+            chosen = sorted(m for m in members if _result(rows[m]) == kept)
             cells.append(f"{len(chosen)} ({', '.join(chosen)})" if chosen else "0")
-        strict = sum(outcome(rows[m]) == "strict" for m in members)
+        strict = sum(_result(rows[m]) == "pass" for m in members)
         lines.append(f"| {source} | {kind} | {name} | {len(members)} | {strict} | {' | '.join(cells)} |")
     lines += ["", "CNNs passing strictly at random init or once briefly trained (`zoo_trained.json`):", ""]
     for source in ("torchvision", "timm"):

@@ -30,7 +30,8 @@ LEAF_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn
 _POOLING_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d)
 _POOLING_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d}
 #: Nodes a classifier may put after its last Linear without changing the logits (eval mode).
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)  # the same tensor as their input
+_PASS_MODULES = (*_IDENTITY_MODULES, nn.Flatten)
 _PASS_FUNCTIONS = {torch.flatten, F.dropout}
 _PASS_METHODS = {"flatten", "view", "reshape", "contiguous", "squeeze"}
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub}
@@ -106,10 +107,7 @@ class ProbeGraph:
 
     def head_nodes(self) -> list[fx.Node]:
         """Nodes on a path from the target activation to the logits, in execution order."""
-        depends = {self.target}
-        for node in self.module.graph.nodes:
-            if any(arg in depends for arg in node.all_input_nodes):
-                depends.add(node)
+        depends = _after(self.module, self.target)
         reaches = self._feeding_logits()
         return [n for n in self.module.graph.nodes if n in depends and n in reaches and n is not self.target]
 
@@ -535,7 +533,7 @@ def _is_pooling(graph_module: fx.GraphModule, node: fx.Node) -> bool:
 def _is_identity(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     """Identity or Dropout (eval mode): the same tensor as its input, which names the target better."""
     if node.op == "call_module":
-        return isinstance(graph_module.get_submodule(node.target), (nn.Identity, nn.Dropout))
+        return isinstance(graph_module.get_submodule(node.target), _IDENTITY_MODULES)
     return node.op == "call_function" and node.target is F.dropout
 
 
@@ -676,7 +674,8 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
     probe_graph = ProbeGraph(graph_module, linear, features, logits, "", _linear_name(graph_module, linear),
                              linear=linear, head=head, layouts=layouts, batched=batched, opaque=frozenset(opaque))
     reaches = probe_graph._feeding_logits()
-    on_path = (reaches & batched) - _after(graph_module, linear)  # a target lies before the last layer
+    after_last = _after(graph_module, linear)
+    on_path = (reaches & batched) - after_last  # a target lies before the last layer
     candidates = _candidates(graph_module, layouts, on_path)
     probe_graph.candidates = candidates
     if target_layer is not None:
@@ -691,7 +690,7 @@ def trace(model: nn.Module, example: torch.Tensor, target_layer: str | None = No
                               "or tokens on a patch grid: pass grid=(h, w)); candidates: "
                               f"{candidate_table(graph_module, candidates, layouts)}")
         if target not in on_path:
-            after = target in reaches and target in _after(graph_module, linear)
+            after = target in reaches and target in after_last
             raise ExportError(f"the target layer {target_layer!r} lies after the last layer "
                               f"{probe_graph.linear_name!r}; candidates: "
                               f"{candidate_table(graph_module, candidates, layouts)}" if after else

@@ -153,9 +153,10 @@ def test_squeezenet_head_reads_each_class_own_positions(zoo_bundles):
     model, probe = zoo_bundles("squeezenet")
     section = probe.manifest.classifier
     assert (section.target_layer, section.linear) == ("features", "classifier.1")
-    graph = trace(model, torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    graph = trace(model, images)
     interpreter = torch.fx.Interpreter(graph.module, garbage_collect_values=False)
-    interpreter.run(torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    interpreter.run(images)
     terms = graph.head.terms(graph, dict(interpreter.env), bias=True)
     pooled = terms.features.pow(2).sum(dim=1, keepdim=True)
     assert (terms.weight_sqnorm - pooled).abs().max() > 0.1 * pooled.max()
