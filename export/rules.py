@@ -135,22 +135,29 @@ def hardsigmoid(call: Call, grad):
     return grad * ((x > -3) & (x < 3)).to(grad.dtype) / 6
 
 
+def logistic_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sigmoid(x) and its derivative sigmoid(x) sigmoid(-x), both from e = exp(-|x|) <= 1, so accurate to a few
+    ulps in relative terms everywhere. y (1 - y) is not: 1 - y cancels once a gate saturates, and ONNX Runtime's
+    Sigmoid is itself far off in relative terms in its tails (tests/export/test_rules.py measures both)."""
+    e = torch.exp(-x.abs())
+    r = 1 / (1 + e)
+    return torch.where(x >= 0, r, e * r), e * r * r
+
+
 @register("silu", modules=(nn.SiLU,), functions=(F.silu,))
 def silu(call: Call, grad):
-    s = torch.sigmoid(call.x)
-    return grad * s * (1 + call.x * (1 - s))
+    s, derivative = logistic_parts(call.x)
+    return grad * (s + call.x * derivative)
 
 
 @register("sigmoid", modules=(nn.Sigmoid,), functions=(torch.sigmoid, F.sigmoid), methods=("sigmoid",))
 def sigmoid(call: Call, grad):
-    y = call.output
-    return grad * y * (1 - y)
+    return grad * logistic_parts(call.x)[1]
 
 
 @register("tanh", modules=(nn.Tanh,), functions=(torch.tanh, F.tanh), methods=("tanh",))
 def tanh(call: Call, grad):
-    y = call.output
-    return grad * (1 - y * y)
+    return grad * 4 * logistic_parts(2 * call.x)[1]  # 1 - tanh(x)^2 = 4 sigmoid'(2x), without the cancellation
 
 
 @register("gelu", modules=(nn.GELU,), functions=(F.gelu,))
@@ -158,8 +165,9 @@ def gelu(call: Call, grad):
     x = call.x
     if call.option("approximate", None, "none") == "tanh":
         inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
-        t = torch.tanh(inner)
-        derivative = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)
+        # 0.5 (1 + tanh(u)) = sigmoid(2u) and 1 - tanh(u)^2 = 4 sigmoid'(2u), without the cancellations
+        s, slope = logistic_parts(2 * inner)
+        derivative = s + 2 * x * slope * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)
     else:
         derivative = 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
     return grad * derivative
