@@ -31,6 +31,7 @@ from .gradcon import BETA, COSINE_EPS, GradConCAE, flat_cosine, parameter_count
 from .layer_grads import PatchExtractor
 from .parity import parity_errors
 from .pipeline import GRAPH_FILE, VERIFY_TOLERANCE, WEIGHTS_FILE, export_batch, onnx_bytes, run_exported
+from .rules import logistic_parts
 from .tensorrt_ops import tensorrt_incompatibilities
 
 OUTPUT_NAMES = GRADCON_OUTPUTS
@@ -75,10 +76,12 @@ class GradConScore(nn.Module):
         for index, layer in enumerate(self.layers):
             inputs.append(h)
             h = layer(h)
-            h = torch.relu(h) if index < len(self.layers) - 1 else torch.sigmoid(h)
+            if index < len(self.layers) - 1:
+                h = torch.relu(h)
+        h, slope = logistic_parts(h)  # the sigmoid and its derivative without 1 - h (saturated bright pixels)
         residual = h - images
         recon_loss = (residual * residual).flatten(1).mean(dim=1)
-        grad = (2.0 / residual[0].numel()) * residual * h * (1 - h)  # dL_b / d(pre-sigmoid)
+        grad = (2.0 / residual[0].numel()) * residual * slope  # dL_b / d(pre-sigmoid)
         cosines = [None] * len(self.layers)
         for index in reversed(range(len(self.layers))):
             layer, x = self.layers[index], inputs[index]
